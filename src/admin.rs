@@ -1,0 +1,243 @@
+//! The admin listener: /healthz, /readyz, /metrics, /routes, /events, /reload, the
+//! dashboard at /, and the demo's zone switches. Loopback by default: it can reload config.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::proxy::Table;
+use crate::server::Router;
+use crate::table::zone_latency_ms;
+
+const DASHBOARD: &str = include_str!("admin/dashboard.html");
+
+pub async fn serve(listener: TcpListener, router: Arc<Router>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("admin accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(router.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json_response(status: StatusCode, v: &impl Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    respond(status, "application/json", body)
+}
+
+async fn handle(router: Arc<Router>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let r = match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => match router.readiness() {
+            Ok(()) => json_response(StatusCode::OK, &json!({"ready": true})),
+            Err(reason) => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": reason})),
+        },
+        (&Method::GET, "/metrics") => {
+            router.metrics.table_age.set(router.table().built_at.elapsed().as_secs_f64());
+            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", router.metrics.render())
+        }
+        (&Method::GET, "/routes") => json_response(StatusCode::OK, &routes_json(&router.table())),
+        (&Method::GET, "/events") => json_response(StatusCode::OK, &json!({"events": router.events.snapshot()})),
+        (&Method::POST, "/reload") => {
+            let r2 = router.clone();
+            // Parsing and validation read a file: keep them off the admin task's thread.
+            let result = tokio::task::spawn_blocking(move || r2.reload())
+                .await
+                .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+            match result {
+                Ok(msg) => json_response(StatusCode::OK, &json!({"ok": true, "message": msg})),
+                Err(e) => json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({"ok": false, "error": e})),
+            }
+        }
+        (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
+        (_, p) if p == "/demo" || p.starts_with("/demo/") => demo(&router, &method, p),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/events" | "/reload" | "/") => {
+            respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n")
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz /readyz /metrics /routes /events /reload\n"),
+    };
+    Ok(r)
+}
+
+fn demo(router: &Router, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let demo = router.demo.lock().ok().and_then(|d| d.clone());
+    let Some(demo) = demo else {
+        return respond(StatusCode::NOT_FOUND, "text/plain", "not running the demo\n");
+    };
+    if method == Method::GET && path == "/demo" {
+        return json_response(StatusCode::OK, &demo.describe());
+    }
+    // POST /demo/zones/{zone}/{down|up|slow}
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        (&Method::POST, ["demo", "zones", zone, action]) => match demo.set(zone, action) {
+            Ok(msg) => {
+                router.events.push("demo", msg.clone());
+                json_response(StatusCode::OK, &json!({"ok": true, "message": msg}))
+            }
+            Err(e) => json_response(StatusCode::NOT_FOUND, &json!({"ok": false, "error": e})),
+        },
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try GET /demo or POST /demo/zones/{zone}/down|up|slow\n",
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct RoutesJson<'a> {
+    generation: u64,
+    table_age_s: f64,
+    locality: LocalityJson<'a>,
+    clusters: Vec<ClusterJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct LocalityJson<'a> {
+    region: &'a str,
+    zone: &'a str,
+}
+
+#[derive(Serialize)]
+struct ClusterJson<'a> {
+    name: &'a str,
+    panic: bool,
+    zones: Vec<ZoneJson<'a>>,
+    endpoints: Vec<EndpointJson<'a>>,
+    /// How traffic splits, in order: zone, share, why.
+    slices: Vec<SliceJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ZoneJson<'a> {
+    region: &'a str,
+    zone: &'a str,
+    rank: usize,
+    latency_ms: Option<f64>,
+    healthy: usize,
+    endpoints: usize,
+    share: f64,
+    dial: u8,
+}
+
+#[derive(Serialize)]
+struct EndpointJson<'a> {
+    address: &'a str,
+    region: &'a str,
+    zone: &'a str,
+    healthy: bool,
+    status: &'static str,
+    ejected: bool,
+    latency_ms: Option<f64>,
+    in_flight: u32,
+    weight: u32,
+    requests: u64,
+}
+
+#[derive(Serialize)]
+struct SliceJson<'a> {
+    zone: &'a str,
+    share: f64,
+    reason: &'static str,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn routes_json(t: &Table) -> RoutesJson<'_> {
+    RoutesJson {
+        generation: t.generation,
+        table_age_s: round3(t.built_at.elapsed().as_secs_f64()),
+        locality: LocalityJson {
+            region: &t.config.locality.region,
+            zone: &t.config.locality.zone,
+        },
+        clusters: t
+            .clusters
+            .iter()
+            .map(|c| ClusterJson {
+                name: &c.name,
+                panic: c.panic,
+                zones: c
+                    .zones
+                    .iter()
+                    .map(|z| ZoneJson {
+                        region: &z.region,
+                        zone: &z.zone,
+                        rank: z.rank,
+                        // Live, not the snapshot taken when the table was built.
+                        latency_ms: zone_latency_ms(z.endpoints.iter()).map(round3),
+                        healthy: z.endpoints.iter().filter(|e| e.state.is_available()).count(),
+                        endpoints: z.endpoints.len(),
+                        share: round3(z.share),
+                        dial: z.dial,
+                    })
+                    .collect(),
+                endpoints: c
+                    .zones
+                    .iter()
+                    .flat_map(|z| z.endpoints.iter())
+                    .map(|e| EndpointJson {
+                        address: &e.state.label,
+                        region: &e.state.region,
+                        zone: &e.state.zone,
+                        healthy: e.state.is_available(),
+                        status: e.state.status().as_str(),
+                        ejected: e.state.is_ejected(),
+                        latency_ms: e.state.latency_ms().map(round3),
+                        in_flight: e.state.in_flight.load(Ordering::Relaxed),
+                        weight: e.weight,
+                        requests: e.state.requests.load(Ordering::Relaxed),
+                    })
+                    .collect(),
+                slices: c
+                    .slices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| SliceJson {
+                        zone: &c.zones[s.zone].zone,
+                        share: round3(s.upto - if i == 0 { 0.0 } else { c.slices[i - 1].upto }),
+                        reason: s.reason.as_str(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}

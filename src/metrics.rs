@@ -1,0 +1,361 @@
+//! Prometheus metric families.
+//!
+//! Label values come only from config (cluster, region, zone, endpoint) and from a bounded set
+//! of our own words (status code, reason, result): nothing a client sends becomes a label.
+//! The request path never looks a label up: the table builder resolves per-zone and
+//! per-endpoint handles once and carries them in the table (see [`ZoneMetrics`]).
+
+use prometheus::{
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use prometheus::{Gauge, GaugeVec};
+
+/// From 0.25 ms to ~33 s: the span of a proxied request, loopback to slow upstream.
+pub fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.00025, 2.0, 18).unwrap_or_else(|_| vec![0.001, 0.01, 0.1, 1.0, 10.0])
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_healthy: IntGaugeVec,
+    pub upstream_latency: GaugeVec,
+    pub upstream_in_flight: IntGaugeVec,
+    pub health_checks: IntCounterVec,
+    pub probe_duration: HistogramVec,
+    pub retries: IntCounterVec,
+    pub retry_budget_exhausted: IntCounterVec,
+    pub hedges: IntCounterVec,
+    pub ejections: IntCounterVec,
+    pub connect_errors: IntCounterVec,
+    pub decisions: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub request_bytes: IntCounterVec,
+    pub response_bytes: IntCounterVec,
+    pub zone_share: GaugeVec,
+    pub table_generation: IntGauge,
+    pub table_swaps: IntCounter,
+    pub table_age: Gauge,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_success: Gauge,
+    pub connections_active: IntGauge,
+    pub connections_accepted: IntCounter,
+    pub dns_resolutions: IntCounterVec,
+}
+
+/// Registering a family can fail only on a duplicate or invalid name: a programming error
+/// caught by every test run, so a panic at start-up is the honest answer.
+macro_rules! reg {
+    ($r:expr, $m:expr) => {{
+        let m = $m.expect("metric definition");
+        $r.register(Box::new(m.clone())).expect("metric registration");
+        m
+    }};
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let ep = &["cluster", "region", "zone", "endpoint"];
+        let buckets = latency_buckets();
+        let m = Metrics {
+            requests: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_requests_total", "Requests answered, by the zone that served them and status code."),
+                    &["cluster", "region", "zone", "code"]
+                )
+            ),
+            request_duration: reg!(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edge_router_request_duration_seconds",
+                        "Time from request received to response headers sent, by serving zone."
+                    )
+                    .buckets(buckets.clone()),
+                    &["cluster", "region", "zone"]
+                )
+            ),
+            upstream_healthy: reg!(
+                r,
+                IntGaugeVec::new(Opts::new("edge_router_upstream_healthy", "1 when the endpoint is in the routing table as healthy."), ep)
+            ),
+            upstream_latency: reg!(
+                r,
+                GaugeVec::new(
+                    Opts::new("edge_router_upstream_latency_seconds", "The endpoint's decaying peak latency average (probes and requests)."),
+                    ep
+                )
+            ),
+            upstream_in_flight: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("edge_router_upstream_in_flight", "Requests outstanding to the endpoint."),
+                    &["cluster", "endpoint"]
+                )
+            ),
+            health_checks: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_health_checks_total", "Active health probes by result."),
+                    &["cluster", "endpoint", "result"]
+                )
+            ),
+            probe_duration: reg!(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new("edge_router_probe_duration_seconds", "Round trip of active health probes.").buckets(buckets.clone()),
+                    &["cluster", "endpoint"]
+                )
+            ),
+            retries: reg!(
+                r,
+                IntCounterVec::new(Opts::new("edge_router_retries_total", "Requests retried on another endpoint."), &["cluster"])
+            ),
+            retry_budget_exhausted: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_retry_budget_exhausted_total", "Retries not sent because the retry budget was spent."),
+                    &["cluster"]
+                )
+            ),
+            hedges: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_hedges_total", "Hedged (backup) requests: sent, won, or refused by the budget."),
+                    &["cluster", "result"]
+                )
+            ),
+            ejections: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_ejections_total", "Endpoints ejected by passive outlier detection."),
+                    &["cluster", "endpoint"]
+                )
+            ),
+            connect_errors: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_upstream_connect_errors_total", "Failed connection attempts to upstream endpoints."),
+                    &["cluster", "endpoint"]
+                )
+            ),
+            decisions: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_route_decisions_total", "Why requests went where they went."),
+                    &["cluster", "reason"]
+                )
+            ),
+            errors: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_errors_total", "Error responses made by the router itself, by x-edge-error kind."),
+                    &["cluster", "kind"]
+                )
+            ),
+            request_bytes: reg!(
+                r,
+                IntCounterVec::new(Opts::new("edge_router_request_bytes_total", "Request body bytes sent upstream."), &["cluster"])
+            ),
+            response_bytes: reg!(
+                r,
+                IntCounterVec::new(Opts::new("edge_router_response_bytes_total", "Response body bytes sent to clients."), &["cluster"])
+            ),
+            zone_share: reg!(
+                r,
+                GaugeVec::new(
+                    Opts::new("edge_router_zone_share", "Share of the cluster's traffic the current routing table gives the zone (0-1)."),
+                    &["cluster", "region", "zone"]
+                )
+            ),
+            table_generation: reg!(
+                r,
+                IntGauge::new("edge_router_routing_table_generation", "Generation of the routing table in use; grows with every swap.")
+            ),
+            table_swaps: reg!(r, IntCounter::new("edge_router_routing_table_swaps_total", "Routing tables swapped in.")),
+            table_age: reg!(r, Gauge::new("edge_router_routing_table_age_seconds", "Age of the routing table in use.")),
+            config_reloads: reg!(
+                r,
+                IntCounterVec::new(Opts::new("edge_router_config_reloads_total", "Config reloads by result."), &["result"])
+            ),
+            config_last_reload_success: reg!(
+                r,
+                Gauge::new(
+                    "edge_router_config_last_reload_success_timestamp_seconds",
+                    "Unix time of the last config load that succeeded."
+                )
+            ),
+            connections_active: reg!(r, IntGauge::new("edge_router_connections_active", "Open downstream connections.")),
+            connections_accepted: reg!(
+                r,
+                IntCounter::new("edge_router_connections_accepted_total", "Downstream connections accepted.")
+            ),
+            dns_resolutions: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new("edge_router_dns_resolutions_total", "DNS look-ups of endpoint names by result."),
+                    &["name", "result"]
+                )
+            ),
+            registry: r,
+        };
+        let build = reg!(
+            m.registry,
+            IntGaugeVec::new(Opts::new("edge_router_build_info", "Always 1; the version label says which build runs."), &["version"])
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            // Only fails when registered twice; a second Metrics in one process (tests) is fine without it.
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// Text exposition of every family.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+
+    pub fn zone(&self, cluster: &str, region: &str, zone: &str) -> ZoneMetrics {
+        let lv = [cluster, region, zone];
+        let code = |c: &str| self.requests.with_label_values(&[cluster, region, zone, c]);
+        ZoneMetrics {
+            codes: COMMON_CODES.map(|c| code(c.1)),
+            requests: self.requests.clone(),
+            labels: [cluster.to_string(), region.to_string(), zone.to_string()],
+            duration: self.request_duration.with_label_values(&lv),
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const COMMON_CODES: [(u16, &str); 16] = [
+    (200, "200"),
+    (201, "201"),
+    (204, "204"),
+    (206, "206"),
+    (301, "301"),
+    (302, "302"),
+    (304, "304"),
+    (400, "400"),
+    (401, "401"),
+    (403, "403"),
+    (404, "404"),
+    (429, "429"),
+    (500, "500"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
+];
+
+/// Handles for one zone of one cluster, resolved when the table is built.
+#[derive(Clone)]
+pub struct ZoneMetrics {
+    codes: [IntCounter; 16],
+    requests: IntCounterVec,
+    labels: [String; 3],
+    pub duration: Histogram,
+}
+
+impl ZoneMetrics {
+    /// Counts a response; the common codes cost one atomic add, a rare code one label lookup.
+    pub fn count(&self, code: u16) {
+        for (i, (c, _)) in COMMON_CODES.iter().enumerate() {
+            if *c == code {
+                self.codes[i].inc();
+                return;
+            }
+        }
+        let [cl, r, z] = &self.labels;
+        self.requests.with_label_values(&[cl.as_str(), r.as_str(), z.as_str(), &code.to_string()]).inc();
+    }
+}
+
+/// Handles for one endpoint, resolved when its health state is created.
+#[derive(Clone)]
+pub struct EndpointMetrics {
+    pub healthy: IntGauge,
+    pub latency: Gauge,
+    pub in_flight: IntGauge,
+    pub probe_ok: IntCounter,
+    pub probe_fail: IntCounter,
+    pub probe_duration: Histogram,
+    pub ejections: IntCounter,
+    pub connect_errors: IntCounter,
+}
+
+impl EndpointMetrics {
+    pub fn new(m: &Metrics, cluster: &str, region: &str, zone: &str, endpoint: &str) -> EndpointMetrics {
+        let lv = [cluster, region, zone, endpoint];
+        EndpointMetrics {
+            healthy: m.upstream_healthy.with_label_values(&lv),
+            latency: m.upstream_latency.with_label_values(&lv),
+            in_flight: m.upstream_in_flight.with_label_values(&[cluster, endpoint]),
+            probe_ok: m.health_checks.with_label_values(&[cluster, endpoint, "success"]),
+            probe_fail: m.health_checks.with_label_values(&[cluster, endpoint, "failure"]),
+            probe_duration: m.probe_duration.with_label_values(&[cluster, endpoint]),
+            ejections: m.ejections.with_label_values(&[cluster, endpoint]),
+            connect_errors: m.connect_errors.with_label_values(&[cluster, endpoint]),
+        }
+    }
+
+    /// Drops the endpoint's series once it has left the config, so a removed endpoint does
+    /// not keep reporting itself healthy forever.
+    pub fn remove(m: &Metrics, cluster: &str, region: &str, zone: &str, endpoint: &str) {
+        let lv = [cluster, region, zone, endpoint];
+        let _ = m.upstream_healthy.remove_label_values(&lv);
+        let _ = m.upstream_latency.remove_label_values(&lv);
+        let _ = m.upstream_in_flight.remove_label_values(&[cluster, endpoint]);
+    }
+}
+
+/// Handles for one cluster, resolved when the table is built.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    pub retries: IntCounter,
+    pub retry_budget_exhausted: IntCounter,
+    pub hedges_sent: IntCounter,
+    pub hedges_won: IntCounter,
+    pub hedges_refused: IntCounter,
+    pub request_bytes: IntCounter,
+    pub response_bytes: IntCounter,
+    /// Indexed by [`crate::table::Reason`] as usize.
+    pub decisions: Vec<IntCounter>,
+    pub cluster: String,
+    pub errors: IntCounterVec,
+}
+
+impl ClusterMetrics {
+    pub fn new(m: &Metrics, cluster: &str) -> ClusterMetrics {
+        ClusterMetrics {
+            retries: m.retries.with_label_values(&[cluster]),
+            retry_budget_exhausted: m.retry_budget_exhausted.with_label_values(&[cluster]),
+            hedges_sent: m.hedges.with_label_values(&[cluster, "sent"]),
+            hedges_won: m.hedges.with_label_values(&[cluster, "won"]),
+            hedges_refused: m.hedges.with_label_values(&[cluster, "budget_exhausted"]),
+            request_bytes: m.request_bytes.with_label_values(&[cluster]),
+            response_bytes: m.response_bytes.with_label_values(&[cluster]),
+            decisions: crate::table::Reason::ALL
+                .iter()
+                .map(|r| m.decisions.with_label_values(&[cluster, r.as_str()]))
+                .collect(),
+            cluster: cluster.to_string(),
+            errors: m.errors.clone(),
+        }
+    }
+}

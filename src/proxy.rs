@@ -1,0 +1,541 @@
+//! The data path: one hyper service that matches a route, picks an endpoint from the current
+//! routing table and streams the request there and the response back. It does no I/O but
+//! the proxied request itself: health, ranking and metrics lookups were all done when the
+//! table was built.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use tracing::{info, warn};
+
+use crate::balancer;
+use crate::health::InFlight;
+use crate::metrics::{ClusterMetrics, Metrics, ZoneMetrics};
+use crate::table::{ClusterTable, Reason, RoutingTable};
+use crate::upstream::{self, Connector};
+
+pub type UpstreamClient = Client<Connector, RequestBody>;
+pub type Table = RoutingTable<UpstreamClient>;
+
+/// What every request needs, shared by all connections.
+pub struct ProxyState {
+    pub table: ArcSwap<Table>,
+    pub metrics: Arc<Metrics>,
+}
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_EDGE_ERROR: HeaderName = HeaderName::from_static("x-edge-error");
+static X_EDGE_ROUTE: HeaderName = HeaderName::from_static("x-edge-route");
+
+/// Request body sent upstream: the client's stream (counted), or nothing (for retries).
+pub enum RequestBody {
+    Stream { inner: Incoming, bytes: prometheus::IntCounter },
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream { inner, bytes } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &r {
+                    if let Some(d) = f.data_ref() {
+                        bytes.inc_by(d.len() as u64);
+                    }
+                }
+                r
+            }
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream { inner, .. } => inner.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream { inner, .. } => inner.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Response body to the client: the upstream's stream, carrying the request's in-flight mark
+/// and access-log record until the last byte is sent (or the client goes away).
+pub enum ResponseBody {
+    Upstream {
+        inner: Incoming,
+        done: Option<Box<Completion>>,
+    },
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    fn text(s: &str) -> ResponseBody {
+        ResponseBody::Full(Some(Bytes::copy_from_slice(s.as_bytes())))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Upstream { inner, done } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let (Some(d), Some(c)) = (f.data_ref(), done.as_mut()) {
+                            c.bytes += d.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(c) = done.as_mut() {
+                            c.complete = true;
+                        }
+                        *done = None;
+                    }
+                    _ => {}
+                }
+                r
+            }
+            ResponseBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream { inner, .. } => inner.is_end_stream(),
+            ResponseBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream { inner, .. } => inner.size_hint(),
+            ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Finishes a request when its response body ends or is dropped: releases the in-flight mark,
+/// counts bytes, writes the access log.
+pub struct Completion {
+    _in_flight: InFlight,
+    bytes: u64,
+    complete: bool,
+    response_bytes: prometheus::IntCounter,
+    log: Option<AccessLog>,
+}
+
+struct AccessLog {
+    method: Method,
+    host: String,
+    path: String,
+    status: u16,
+    started: Instant,
+    cluster: Arc<str>,
+    region: Arc<str>,
+    zone: Arc<str>,
+    endpoint: Arc<str>,
+    reason: Reason,
+    request_id: HeaderValue,
+    client: SocketAddr,
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.response_bytes.inc_by(self.bytes);
+        if let Some(l) = &self.log {
+            info!(
+                target: "access",
+                method = %l.method,
+                host = %l.host,
+                path = %l.path,
+                status = l.status,
+                duration_ms = l.started.elapsed().as_secs_f64() * 1e3,
+                bytes = self.bytes,
+                complete = self.complete,
+                cluster = %l.cluster,
+                region = %l.region,
+                zone = %l.zone,
+                endpoint = %l.endpoint,
+                reason = l.reason.as_str(),
+                request_id = l.request_id.to_str().unwrap_or("-"),
+                client = %l.client,
+            );
+        }
+    }
+}
+
+/// Entry point for every downstream request.
+pub async fn handle(
+    state: Arc<ProxyState>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    https: bool,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    let table = state.table.load_full();
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 128 => v.clone(),
+        _ => new_request_id(),
+    };
+    let host = request_host(&req);
+    let Some(route) = table.match_route(host.as_deref(), req.uri().path()) else {
+        state.metrics.errors.with_label_values(&["", "no_route"]).inc();
+        return Ok(error_response(StatusCode::NOT_FOUND, "no_route", "no route matches this host and path", &request_id));
+    };
+    let cluster = &table.clusters[route.cluster];
+    let timeout = route.timeout;
+    let mut resp = forward(&table, cluster, req, host, client, https, request_id.clone(), started, timeout).await;
+    resp.headers_mut().insert(&X_REQUEST_ID, request_id);
+    Ok(resp)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    table: &Table,
+    cluster: &ClusterTable<UpstreamClient>,
+    req: Request<Incoming>,
+    host: Option<String>,
+    client: SocketAddr,
+    https: bool,
+    request_id: HeaderValue,
+    started: Instant,
+    timeout: Duration,
+) -> Response<ResponseBody> {
+    let cm = &cluster.runtime.metrics;
+    let cfg = &cluster.config;
+    let max_in_flight = cfg.max_requests_per_endpoint;
+    let shared = &cluster.runtime.shared;
+    shared
+        .retry_budget
+        .deposit(cfg.retry.budget_ratio, crate::health::budget_cap(cfg.retry.min_retries_per_second));
+
+    let first = match &cfg.affinity {
+        crate::config::Affinity::None => balancer::pick(cluster, max_in_flight),
+        crate::config::Affinity::SourceIp => {
+            let ip = client.ip().to_canonical().to_string();
+            balancer::pick_affinity(cluster, ip.as_bytes(), max_in_flight)
+        }
+        crate::config::Affinity::Header(h) => match req.headers().get(h) {
+            Some(v) => balancer::pick_affinity(cluster, v.as_bytes(), max_in_flight),
+            None => balancer::pick(cluster, max_in_flight),
+        },
+    };
+    let Some(mut pick) = first else {
+        let kind = if cluster.slices.is_empty() { "no_endpoint" } else { "endpoints_saturated" };
+        cm.error(kind);
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            kind,
+            "no endpoint could take the request",
+            &request_id,
+        );
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path_for_log = table.config.listener.access_log.then(|| parts.uri.path().to_string());
+    prepare_upstream_headers(&mut parts.headers, client, https, host.as_deref(), &parts.uri, &request_id);
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let body_empty = body.is_end_stream();
+    let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
+    let may_retry = body_empty && cfg.retry.attempts > 0;
+    // Kept only when a retry could need them: a retry must resend the same request.
+    let saved_headers = may_retry.then(|| parts.headers.clone());
+    let mut body = Some(RequestBody::Stream {
+        inner: body,
+        bytes: cm.request_bytes.clone(),
+    });
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let version = if cfg.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let deadline = started + timeout;
+    let mut attempt = 0u32;
+    let mut headers = Some(parts.headers);
+
+    loop {
+        let ep = pick.endpoint.state.clone();
+        let zone = &cluster.zones[pick.zone];
+        let uri = match Uri::try_from(format!("{scheme}://{}{}", ep.addr, path_and_query)) {
+            Ok(u) => u,
+            Err(_) => {
+                return error_response(StatusCode::BAD_REQUEST, "bad_request", "request target is not valid", &request_id)
+            }
+        };
+        let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
+        *up.method_mut() = method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = version;
+        *up.headers_mut() = headers
+            .take()
+            .or_else(|| saved_headers.clone())
+            .unwrap_or_default();
+        let in_flight = InFlight::new(ep.clone());
+        let sent = Instant::now();
+        let result = tokio::time::timeout_at(deadline.into(), cluster.runtime.client.request(up)).await;
+        let failure = match result {
+            Ok(Ok(resp)) => {
+                let elapsed = sent.elapsed();
+                ep.latency.observe(elapsed, cluster.latency_decay);
+                let status = resp.status();
+                ep.record_outcome(status.is_server_error(), &cfg.outlier);
+                count_response(&zone.metrics, cm, pick.reason, status.as_u16(), started.elapsed().as_secs_f64());
+                let log = path_for_log.map(|path| AccessLog {
+                    method,
+                    host: host.unwrap_or_default(),
+                    path,
+                    status: status.as_u16(),
+                    started,
+                    cluster: cluster.name.clone(),
+                    region: zone.region.clone(),
+                    zone: zone.zone.clone(),
+                    endpoint: ep.label.clone(),
+                    reason: pick.reason,
+                    request_id: request_id.clone(),
+                    client,
+                });
+                let route_header = table.config.listener.route_header.then(|| route_header(zone, &ep.label, pick.reason));
+                return finish_response(resp, in_flight, cm, log, route_header);
+            }
+            Err(_) => {
+                ep.latency.observe(timeout, cluster.latency_decay);
+                ep.record_outcome(true, &cfg.outlier);
+                zone.metrics.count(504);
+                zone.metrics.duration.observe(started.elapsed().as_secs_f64());
+                cm.error("upstream_timeout");
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the upstream did not answer in time",
+                    &request_id,
+                );
+            }
+            Ok(Err(e)) => e,
+        };
+        drop(in_flight);
+        let connect = failure.is_connect();
+        let detail = upstream::error_chain(&failure);
+        if connect {
+            ep.metrics.connect_errors.inc();
+        }
+        ep.record_outcome(true, &cfg.outlier);
+        // A failed connect sent nothing, so any method may go again; a reset after sending
+        // is retried only for idempotent methods.
+        let retryable = may_retry && attempt < cfg.retry.attempts && (connect || idempotent);
+        let kind = if connect { "upstream_connect_error" } else { "upstream_reset" };
+        warn!(
+            target: "proxy",
+            cluster = %cluster.name, endpoint = %ep.label, zone = %zone.zone, error = %detail,
+            "upstream request failed{}", if retryable { "; retrying" } else { "" }
+        );
+        if retryable {
+            if shared.retry_budget.withdraw() {
+                if let Some(next) = balancer::pick_other(cluster, &ep, max_in_flight, Reason::Retry) {
+                    cm.retries.inc();
+                    pick = next;
+                    attempt += 1;
+                    continue;
+                }
+            } else {
+                cm.retry_budget_exhausted.inc();
+            }
+        }
+        zone.metrics.count(502);
+        zone.metrics.duration.observe(started.elapsed().as_secs_f64());
+        cm.error(kind);
+        return error_response(StatusCode::BAD_GATEWAY, kind, "the upstream request failed", &request_id);
+    }
+}
+
+fn finish_response(
+    resp: Response<Incoming>,
+    in_flight: InFlight,
+    cm: &ClusterMetrics,
+    log: Option<AccessLog>,
+    route_header: Option<HeaderValue>,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    if let Some(v) = route_header {
+        parts.headers.insert(&X_EDGE_ROUTE, v);
+    }
+    let done = Box::new(Completion {
+        _in_flight: in_flight,
+        bytes: 0,
+        complete: false,
+        response_bytes: cm.response_bytes.clone(),
+        log,
+    });
+    let body = if body.is_end_stream() {
+        // Nothing will ever be polled: finish now rather than when hyper drops the body.
+        drop(done);
+        ResponseBody::Upstream { inner: body, done: None }
+    } else {
+        ResponseBody::Upstream {
+            inner: body,
+            done: Some(done),
+        }
+    };
+    Response::from_parts(parts, body)
+}
+
+fn route_header(zone: &crate::table::ZoneTable, endpoint: &str, reason: Reason) -> HeaderValue {
+    let s = format!(
+        "region={}; zone={}; endpoint={}; reason={}",
+        zone.region,
+        zone.zone,
+        endpoint,
+        reason.as_str()
+    );
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("reason=unknown"))
+}
+
+/// The host the client asked for, without port, lower case: Host header (HTTP/1.1) or the
+/// URI authority (HTTP/2).
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    let host = match raw.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => raw.rsplit_once(':').map(|(h, _)| h).unwrap_or(raw),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in Connection.
+/// `te: trailers` is end-to-end in practice (gRPC needs it), so it stays.
+pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION).cloned() {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',') {
+                let name = name.trim();
+                if !name.is_empty() && !name.eq_ignore_ascii_case("te") {
+                    h.remove(name);
+                }
+            }
+        }
+    }
+    for name in HOP_BY_HOP.iter() {
+        h.remove(name);
+    }
+    h.remove(header::UPGRADE);
+    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        h.remove(header::TE);
+    }
+}
+
+fn prepare_upstream_headers(
+    h: &mut HeaderMap,
+    client: SocketAddr,
+    https: bool,
+    host: Option<&str>,
+    uri: &Uri,
+    request_id: &HeaderValue,
+) {
+    remove_hop_by_hop(h);
+    let ip = client.ip().to_canonical().to_string();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if https { "https" } else { "http" }));
+    // The Host header is kept as the client sent it; HTTP/2 clients send :authority instead.
+    let original_host = h.get(header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(v) = original_host {
+        h.insert(&X_FORWARDED_HOST, v.clone());
+        h.entry(header::HOST).or_insert(v);
+    } else if let Some(hn) = host.and_then(|s| HeaderValue::from_str(s).ok()) {
+        h.insert(&X_FORWARDED_HOST, hn);
+    }
+    h.insert(&X_REQUEST_ID, request_id.clone());
+}
+
+fn new_request_id() -> HeaderValue {
+    let (a, b) = (balancer::random_u64(), balancer::random_u64());
+    let mut buf = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+        buf[i * 2] = HEX[(byte >> 4) as usize];
+        buf[i * 2 + 1] = HEX[(byte & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// A response made by the router itself: short text, `x-edge-error` saying why.
+pub fn error_response(status: StatusCode, kind: &'static str, msg: &str, request_id: &HeaderValue) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::text(&format!("{} {kind}: {msg}\n", status.as_u16())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(&X_EDGE_ERROR, HeaderValue::from_static(kind));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(&X_REQUEST_ID, request_id.clone());
+    r
+}
+
+impl ClusterMetrics {
+    /// Error responses are rare; a label lookup here is fine.
+    fn error(&self, kind: &str) {
+        self.errors.with_label_values(&[&self.cluster, kind]).inc();
+    }
+}
+
+/// A served request's metric updates: three atomic adds on handles the table resolved.
+pub fn count_response(zone: &ZoneMetrics, cm: &ClusterMetrics, reason: Reason, code: u16, secs: f64) {
+    cm.decisions[reason as usize].inc();
+    zone.count(code);
+    zone.duration.observe(secs);
+}
+
+pub fn in_flight_total(t: &Table) -> u64 {
+    t.clusters
+        .iter()
+        .flat_map(|c| c.zones.iter())
+        .flat_map(|z| z.endpoints.iter())
+        .map(|e| e.state.in_flight.load(Ordering::Relaxed) as u64)
+        .sum()
+}

@@ -1,0 +1,559 @@
+//! Wiring: listeners, the table builder task, reload and drain. Data flows one way:
+//! probes -> health state -> table builder -> arc-swap -> request path.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config, EndpointAddress};
+use crate::health::{Events, Health, Wanted};
+use crate::metrics::{ClusterMetrics, Metrics};
+use crate::proxy::{self, ProxyState, Table, UpstreamClient};
+use crate::table::{ClusterInput, ClusterRuntime, EndpointEntry, TableBuilder};
+use crate::upstream;
+
+/// The running router: what the admin API and the signal handlers act on.
+pub struct Router {
+    pub proxy: Arc<ProxyState>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub events: Arc<Events>,
+    pub config: ArcSwap<Config>,
+    pub config_path: Option<PathBuf>,
+    pub draining: AtomicBool,
+    pub listening: AtomicBool,
+    /// Where the listeners really are (port 0 in config picks a free one).
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    config_changed: Notify,
+    shutdown_tx: watch::Sender<bool>,
+    generation: AtomicU64,
+    /// Demo controls, when the router runs the demo.
+    pub demo: Mutex<Option<Arc<crate::demo::Demo>>>,
+}
+
+/// An error at start-up: the message for stderr and the exit code.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Handle on a started router.
+pub struct Running {
+    pub router: Arc<Router>,
+    data: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the data listener has drained after a shutdown.
+    pub async fn wait(self) {
+        let _ = self.data.await;
+        self.router.health.stop();
+    }
+}
+
+/// Binds both listeners and starts every task.
+pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let events = Arc::new(Events::new());
+    let health = Arc::new(Health::new(metrics.clone(), events.clone()));
+
+    let data_listener = bind(config.listener.address, "listener.address").await?;
+    let admin_listener = bind(config.admin.address, "admin.address").await?;
+    let data_addr = data_listener.local_addr().map_err(|e| StartError(format!("listener: {e}")))?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| StartError(format!("admin: {e}")))?;
+    let tls = match &config.listener.tls {
+        Some(t) => Some(Arc::new(
+            crate::tls::ReloadableServerTls::new(&tls_pairs(t)).map_err(|e| StartError(format!("listener.tls: {e}")))?,
+        )),
+        None => None,
+    };
+
+    let config = Arc::new(config);
+    let mut builder = Builder::new(health.clone(), metrics.clone());
+    let table = builder
+        .build(1, config.clone())
+        .map_err(|e| StartError(format!("{}: {e}", config.source)))?;
+    let (shutdown_tx, _) = watch::channel(false);
+    let router = Arc::new(Router {
+        proxy: Arc::new(ProxyState {
+            table: ArcSwap::from_pointee(table),
+            metrics: metrics.clone(),
+        }),
+        health,
+        metrics: metrics.clone(),
+        events: events.clone(),
+        config: ArcSwap::new(config.clone()),
+        config_path,
+        draining: AtomicBool::new(false),
+        listening: AtomicBool::new(false),
+        data_addr,
+        admin_addr,
+        config_changed: Notify::new(),
+        shutdown_tx,
+        generation: AtomicU64::new(1),
+        demo: Mutex::new(None),
+    });
+    metrics.table_generation.set(1);
+    metrics.table_swaps.inc();
+    metrics.config_reloads.with_label_values(&["success"]).inc_by(0);
+    metrics.config_reloads.with_label_values(&["failure"]).inc_by(0);
+    metrics.config_last_reload_success.set(unix_now());
+    events.push("reload", format!("started with {}", config.summary()));
+
+    tokio::spawn(builder_loop(router.clone(), builder));
+    tokio::spawn(crate::admin::serve(admin_listener, router.clone()));
+    let data = tokio::spawn(serve_data(data_listener, router.clone(), tls));
+    router.listening.store(true, Ordering::Relaxed);
+    info!(
+        listener = %data_addr, admin = %admin_addr,
+        "edge-router {} serving: {}", env!("CARGO_PKG_VERSION"), config.summary()
+    );
+    Ok(Running { router, data })
+}
+
+fn tls_pairs(t: &config::ListenerTls) -> Vec<crate::tls::CertPair> {
+    t.certificates
+        .iter()
+        .map(|c| crate::tls::CertPair {
+            cert: c.cert.clone(),
+            key: c.key.clone(),
+        })
+        .collect()
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, StartError> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| StartError(format!("{key} {addr}: {e}")))?;
+    // Lets a restarted router bind while old connections sit in TIME_WAIT.
+    let _ = socket.set_reuseaddr(true);
+    socket.bind(addr).map_err(|e| StartError(format!("{key} {addr}: cannot bind: {e}")))?;
+    socket
+        .listen(4096)
+        .map_err(|e| StartError(format!("{key} {addr}: cannot listen: {e}")))
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+impl Router {
+    pub fn table(&self) -> Arc<Table> {
+        self.proxy.table.load_full()
+    }
+
+    /// Re-reads the config file. An invalid file changes nothing; listener addresses are
+    /// not rebound (that needs a restart) and the answer says so.
+    pub fn reload(&self) -> Result<String, String> {
+        let result = self.try_reload();
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics.config_reloads.with_label_values(&[label]).inc();
+        match &result {
+            Ok(msg) => {
+                info!(target: "reload", "{msg}");
+                self.events.push("reload", msg.clone());
+                self.metrics.config_last_reload_success.set(unix_now());
+            }
+            Err(e) => {
+                error!(target: "reload", "reload failed, keeping the running config: {e}");
+                self.events.push("reload", format!("reload failed, running config kept: {e}"));
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<String, String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or_else(|| "this router was started without a config file".to_string())?;
+        let mut new = config::load(path).map_err(|e| e.to_string())?;
+        let old = self.config.load_full();
+        let mut notes = Vec::new();
+        if new.listener.address != old.listener.address {
+            notes.push(format!(
+                "listener.address {} -> {} needs a restart; still serving on {}",
+                old.listener.address, new.listener.address, old.listener.address
+            ));
+            new.listener.address = old.listener.address;
+        }
+        if new.admin.address != old.admin.address {
+            notes.push(format!(
+                "admin.address {} -> {} needs a restart; still serving on {}",
+                old.admin.address, new.admin.address, old.admin.address
+            ));
+            new.admin.address = old.admin.address;
+        }
+        if new.listener.tls.is_some() != old.listener.tls.is_some() {
+            notes.push("turning TLS on or off needs a restart".to_string());
+            new.listener.tls = old.listener.tls.clone();
+        }
+        // Clients of every cluster are rebuilt by the builder; check them here first so a
+        // bad CA file fails the reload instead of a later table build.
+        for c in &new.clusters {
+            upstream::connector(c).map_err(|e| format!("{}: cluster {:?}: tls: {e}", new.source, c.name))?;
+        }
+        let summary = new.summary();
+        self.config.store(Arc::new(new));
+        self.config_changed.notify_one();
+        let mut msg = format!("reloaded {summary}");
+        for n in notes {
+            warn!(target: "reload", "{n}");
+            msg.push_str("; ");
+            msg.push_str(&n);
+        }
+        Ok(msg)
+    }
+
+    /// Stops accepting, turns /readyz to 503 and lets in-flight requests finish.
+    pub fn shutdown(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            info!("draining: no new connections; in-flight requests get up to {:?}", self.config.load().listener.drain_timeout);
+            self.events.push("reload", "draining for shutdown".into());
+            let _ = self.shutdown_tx.send(true);
+        }
+    }
+
+    /// Ready: listening, not draining, every cluster with an endpoint known healthy.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining".into());
+        }
+        if !self.listening.load(Ordering::Relaxed) {
+            return Err("listeners not up".into());
+        }
+        let t = self.table();
+        let not_ready: Vec<&str> = t
+            .clusters
+            .iter()
+            .filter(|c| c.zones.iter().all(|z| z.healthy == 0))
+            .map(|c| &*c.name)
+            .collect();
+        if not_ready.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("no healthy endpoint in cluster(s): {}", not_ready.join(", ")))
+        }
+    }
+}
+
+/// Turns config + health into tables.
+pub struct Builder {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    tables: TableBuilder,
+    runtimes: HashMap<String, (config::ClusterConfig, Arc<ClusterRuntime<UpstreamClient>>)>,
+    endpoints: Vec<Vec<EndpointEntry>>,
+    config: Option<Arc<Config>>,
+    last_fingerprint: Vec<u64>,
+}
+
+impl Builder {
+    pub fn new(health: Arc<Health>, metrics: Arc<Metrics>) -> Builder {
+        Builder {
+            health,
+            metrics,
+            tables: TableBuilder::new(),
+            runtimes: HashMap::new(),
+            endpoints: Vec::new(),
+            config: None,
+            last_fingerprint: Vec::new(),
+        }
+    }
+
+    /// Applies a (new) config: clients, endpoint states and probers follow it.
+    fn apply_config(&mut self, config: &Arc<Config>) -> Result<(), String> {
+        let mut runtimes = HashMap::new();
+        let mut endpoints = Vec::new();
+        for c in &config.clusters {
+            let runtime = match self.runtimes.remove(&c.name) {
+                Some((old_cfg, rt)) if old_cfg.tls == c.tls && old_cfg.http2 == c.http2 && old_cfg.connect_timeout == c.connect_timeout => rt,
+                _ => {
+                    let connector = upstream::connector(c).map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
+                    Arc::new(ClusterRuntime {
+                        shared: self.health.cluster(&c.name),
+                        client: upstream::proxy_client(connector, c),
+                        metrics: ClusterMetrics::new(&self.metrics, &c.name),
+                    })
+                }
+            };
+            let connector = upstream::connector(c).map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
+            let wanted: Vec<Wanted> = c
+                .endpoints
+                .iter()
+                .filter_map(|e| match &e.address {
+                    EndpointAddress::Ip(addr) => Some(Wanted {
+                        addr: *addr,
+                        region: e.region.clone(),
+                        zone: e.zone.clone(),
+                    }),
+                    other => {
+                        warn!("cluster {:?}: endpoint {other}: DNS endpoints are not resolved yet", c.name);
+                        None
+                    }
+                })
+                .collect();
+            let states = self.health.sync_cluster(c, &wanted, &connector, config.routing.latency_decay);
+            let weights: HashMap<SocketAddr, u32> = c
+                .endpoints
+                .iter()
+                .filter_map(|e| match e.address {
+                    EndpointAddress::Ip(a) => Some((a, e.weight)),
+                    _ => None,
+                })
+                .collect();
+            endpoints.push(
+                states
+                    .into_iter()
+                    .map(|s| EndpointEntry {
+                        weight: weights.get(&s.addr).copied().unwrap_or(100),
+                        state: s,
+                    })
+                    .collect(),
+            );
+            runtimes.insert(c.name.clone(), (c.clone(), runtime));
+        }
+        let names: Vec<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();
+        self.health.retain_clusters(&names);
+        self.runtimes = runtimes;
+        self.endpoints = endpoints;
+        self.config = Some(config.clone());
+        Ok(())
+    }
+
+    /// Builds a table for `config` (applying it first if it is new).
+    pub fn build(&mut self, generation: u64, config: Arc<Config>) -> Result<Table, String> {
+        if !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, &config)) {
+            self.apply_config(&config)?;
+        }
+        let inputs = config
+            .clusters
+            .iter()
+            .zip(self.endpoints.iter())
+            .map(|(c, eps)| ClusterInput {
+                config: c.clone(),
+                runtime: self.runtimes[&c.name].1.clone(),
+                endpoints: eps.clone(),
+            })
+            .collect();
+        let metrics = self.metrics.clone();
+        let t = self
+            .tables
+            .build(generation, config, inputs, &|c, r, z| metrics.zone(c, r, z), Instant::now());
+        self.last_fingerprint = fingerprint(&t);
+        Ok(t)
+    }
+}
+
+/// What makes two tables route differently: zone order, candidates, weights, shares.
+fn fingerprint(t: &Table) -> Vec<u64> {
+    let mut f = Vec::new();
+    for c in &t.clusters {
+        f.push(c.zones.len() as u64 | (u64::from(c.panic) << 32));
+        for z in &c.zones {
+            f.push(Arc::as_ptr(&z.zone) as *const u8 as u64);
+            f.push((z.share * 1e6).round() as u64);
+            for e in &z.candidates {
+                f.push(Arc::as_ptr(&e.state) as u64 ^ (e.weight as u64) << 48);
+            }
+            f.push(u64::MAX);
+        }
+        for s in &c.slices {
+            f.push((s.upto * 1e6).round() as u64 ^ (s.reason as u64) << 56 ^ (s.zone as u64) << 40);
+        }
+    }
+    f
+}
+
+fn rank_order(t: &Table) -> String {
+    t.clusters
+        .iter()
+        .map(|c| {
+            let zones: Vec<String> = c
+                .zones
+                .iter()
+                .map(|z| format!("{}({}/{}, {:.0}%)", z.zone, z.healthy, z.endpoints.len(), z.share * 100.0))
+                .collect();
+            format!("{}: {}", c.name, zones.join(" > "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Rebuilds the table whenever health flips, the config changes, or (every 100 ms) latency
+/// may have re-ranked zones; swaps it in only when it routes differently.
+async fn builder_loop(router: Arc<Router>, mut builder: Builder) {
+    let tick = Duration::from_millis(100);
+    let mut last_tick = Instant::now();
+    loop {
+        tokio::select! {
+            _ = router.health.changed.notified() => {}
+            _ = router.config_changed.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let config = router.config.load_full();
+        let old = router.table();
+        let before = builder.last_fingerprint.clone();
+        let config_new = !Arc::ptr_eq(&old.config, &config);
+        let next_gen = router.generation.load(Ordering::Relaxed) + 1;
+        let table = match builder.build(next_gen, config.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                // Only a reload can bring a config the builder refuses (checked before, so
+                // this is a file changing under us): keep the running table.
+                error!("cannot build a routing table: {e}");
+                router.config.store(old.config.clone());
+                continue;
+            }
+        };
+        if config_new || builder.last_fingerprint != before {
+            let old_order = rank_order(&old);
+            let new_order = rank_order(&table);
+            router.generation.store(next_gen, Ordering::Relaxed);
+            router.metrics.table_generation.set(next_gen as i64);
+            router.metrics.table_swaps.inc();
+            for c in &table.clusters {
+                for z in &c.zones {
+                    router.metrics.zone_share.with_label_values(&[&c.name, &z.region, &z.zone]).set(z.share);
+                }
+            }
+            router.proxy.table.store(Arc::new(table));
+            if old_order != new_order {
+                info!(target: "table", generation = next_gen, "routing table swapped: {old_order}  =>  {new_order}");
+                router
+                    .events
+                    .push("table", format!("generation {next_gen}: {new_order}"));
+            }
+        }
+        let now = Instant::now();
+        if now.duration_since(last_tick) >= tick {
+            router.health.tick(now.duration_since(last_tick), &config.clusters);
+            last_tick = now;
+            let t = router.table();
+            router.metrics.table_age.set(t.built_at.elapsed().as_secs_f64());
+            for c in &t.clusters {
+                for z in &c.zones {
+                    for e in &z.endpoints {
+                        if let Some(ms) = e.state.latency_ms() {
+                            e.state.metrics.latency.set(ms / 1e3);
+                        }
+                        e.state.metrics.in_flight.set(e.state.in_flight.load(Ordering::Relaxed) as i64);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn serve_data(listener: TcpListener, router: Arc<Router>, tls: Option<Arc<crate::tls::ReloadableServerTls>>) {
+    let cfg = router.config.load_full();
+    let l = &cfg.listener;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(l.header_read_timeout)
+        .max_buf_size(l.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(l.max_concurrent_streams)
+        .max_header_list_size(l.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    let limit = Arc::new(Semaphore::new(l.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = router.shutdown_tx.subscribe();
+    let idle_timeout = l.idle_timeout;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Over max_connections: close at once rather than queue without bound.
+            router.metrics.errors.with_label_values(&["", "too_many_connections"]).inc();
+            drop(stream);
+            continue;
+        };
+        router.metrics.connections_accepted.inc();
+        router.metrics.connections_active.inc();
+        let _ = stream.set_nodelay(true);
+        let state = router.proxy.clone();
+        let metrics = router.metrics.clone();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, state, builder, tls, watcher, idle_timeout).await;
+            metrics.connections_active.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let drain = router.config.load().listener.drain_timeout;
+    tokio::select! {
+        _ = graceful.shutdown() => info!("drained: all connections closed"),
+        _ = tokio::time::sleep(drain) => warn!("drain timeout ({drain:?}) reached; closing remaining connections"),
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<Arc<crate::tls::ReloadableServerTls>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    _idle_timeout: Duration,
+) {
+    let https = tls.is_some();
+    let svc = service_fn(move |req| proxy::handle(state.clone(), req, peer, https));
+    match tls {
+        None => {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn.into_owned()).await;
+        }
+        Some(tls) => {
+            let acceptor = tls.acceptor();
+            // The handshake is bounded like a slow header: a client that stalls is cut off.
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(s)) => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, "tls handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+            }
+        }
+    }
+}

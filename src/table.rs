@@ -1,0 +1,664 @@
+//! The routing table: an immutable value built off the request path from config and health
+//! state, swapped in whole (arc-swap) so a request sees one consistent table.
+//!
+//! For each cluster the builder
+//! 1. ranks zones nearest first by latency, with hysteresis so near-equal zones do not flap;
+//! 2. turns health into traffic shares down the ranking (Envoy's priority spillover with an
+//!    overprovisioning factor), then applies the regions' traffic dials;
+//! 3. writes the result as `slices`: contiguous ranges of [0, 1) mapped to a zone and the
+//!    reason traffic lands there, so the per-request zone pick is one random number and a
+//!    short scan, whatever the number of endpoints.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{ClusterConfig, Config, HostMatch, RoutingConfig};
+use crate::health::{ClusterShared, EndpointState};
+use crate::metrics::{ClusterMetrics, ZoneMetrics};
+
+/// Why a request went where it went (the `reason` of x-edge-route and of metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Nearest = 0,
+    Failover,
+    Spillover,
+    Dial,
+    Affinity,
+    Retry,
+    Hedge,
+    Panic,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 8] = [
+        Reason::Nearest,
+        Reason::Failover,
+        Reason::Spillover,
+        Reason::Dial,
+        Reason::Affinity,
+        Reason::Retry,
+        Reason::Hedge,
+        Reason::Panic,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Nearest => "nearest",
+            Reason::Failover => "failover",
+            Reason::Spillover => "spillover",
+            Reason::Dial => "dial",
+            Reason::Affinity => "affinity",
+            Reason::Retry => "retry",
+            Reason::Hedge => "hedge",
+            Reason::Panic => "panic",
+        }
+    }
+}
+
+/// What a cluster brings to every table besides its endpoints: long-lived state, handles.
+pub struct ClusterRuntime<C> {
+    pub shared: Arc<ClusterShared>,
+    pub client: C,
+    pub metrics: ClusterMetrics,
+}
+
+pub struct RoutingTable<C> {
+    pub generation: u64,
+    pub built_at: Instant,
+    pub config: Arc<Config>,
+    pub routes: Vec<RouteEntry>,
+    pub clusters: Vec<ClusterTable<C>>,
+}
+
+pub struct RouteEntry {
+    pub host: Option<HostMatch>,
+    pub path_prefix: String,
+    pub cluster: usize,
+    pub timeout: Duration,
+    pub hedge: bool,
+}
+
+pub struct ClusterTable<C> {
+    pub name: Arc<str>,
+    pub config: ClusterConfig,
+    pub runtime: Arc<ClusterRuntime<C>>,
+    /// Nearest first.
+    pub zones: Vec<ZoneTable>,
+    /// Traffic distribution over `zones`; the last `upto` is the total share served.
+    pub slices: Vec<Slice>,
+    /// No endpoint is healthy anywhere: fail open to the nearest zone's endpoints.
+    pub panic: bool,
+    pub latency_decay: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slice {
+    pub zone: usize,
+    pub upto: f64,
+    pub reason: Reason,
+}
+
+pub struct ZoneTable {
+    pub region: Arc<str>,
+    pub zone: Arc<str>,
+    pub rank: usize,
+    /// Every endpoint of the zone.
+    pub endpoints: Vec<EndpointEntry>,
+    /// What the in-zone pick chooses from: the available endpoints with weight > 0 (in
+    /// panic, every endpoint with weight > 0).
+    pub candidates: Vec<EndpointEntry>,
+    /// Prefix sums of candidate weights; empty when all weights are equal (uniform pick).
+    pub cum_weights: Vec<u32>,
+    pub healthy: usize,
+    pub share: f64,
+    pub dial: u8,
+    pub latency_ms: Option<f64>,
+    pub metrics: ZoneMetrics,
+}
+
+#[derive(Clone)]
+pub struct EndpointEntry {
+    pub state: Arc<EndpointState>,
+    pub weight: u32,
+}
+
+impl<C> RoutingTable<C> {
+    /// First route, in file order, whose host and path prefix match.
+    pub fn match_route(&self, host: Option<&str>, path: &str) -> Option<&RouteEntry> {
+        self.routes.iter().find(|r| {
+            let host_ok = match (&r.host, host) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(HostMatch::Exact(h)), Some(req)) => h.eq_ignore_ascii_case(req),
+                (Some(HostMatch::Suffix(s)), Some(req)) => {
+                    req.len() > s.len() && req[req.len() - s.len()..].eq_ignore_ascii_case(s)
+                }
+            };
+            host_ok && path.starts_with(r.path_prefix.as_str())
+        })
+    }
+}
+
+/// The latency of a zone: the mean of its available endpoints' averages, or of all its
+/// measured endpoints when none is available (so a dead zone keeps its place in the ranking).
+pub fn zone_latency_ms<'a>(endpoints: impl Iterator<Item = &'a EndpointEntry> + Clone) -> Option<f64> {
+    let mean = |it: &mut dyn Iterator<Item = f64>| {
+        let (n, sum) = it.fold((0usize, 0.0), |(n, s), v| (n + 1, s + v));
+        (n > 0).then(|| sum / n as f64)
+    };
+    mean(&mut endpoints.clone().filter(|e| e.state.is_available()).filter_map(|e| e.state.latency_ms()))
+        .or_else(|| mean(&mut endpoints.filter_map(|e| e.state.latency_ms())))
+}
+
+/// Input for one cluster.
+pub struct ClusterInput<C> {
+    pub config: ClusterConfig,
+    pub runtime: Arc<ClusterRuntime<C>>,
+    pub endpoints: Vec<EndpointEntry>,
+}
+
+type ZoneKey = (Arc<str>, Arc<str>);
+
+/// Builds tables; remembers the last ranking of each cluster for hysteresis.
+#[derive(Default)]
+pub struct TableBuilder {
+    order: HashMap<String, Vec<ZoneKey>>,
+    /// (challenger, incumbent) -> since when the challenger has been clearly faster.
+    challenges: HashMap<(ZoneKey, ZoneKey), Instant>,
+}
+
+impl TableBuilder {
+    pub fn new() -> TableBuilder {
+        TableBuilder::default()
+    }
+
+    pub fn build<C: Clone>(
+        &mut self,
+        generation: u64,
+        config: Arc<Config>,
+        inputs: Vec<ClusterInput<C>>,
+        zone_metrics: &dyn Fn(&str, &str, &str) -> ZoneMetrics,
+        now: Instant,
+    ) -> RoutingTable<C> {
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteEntry {
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
+                cluster: inputs.iter().position(|c| c.config.name == r.cluster).unwrap_or(0),
+                timeout: r.timeout,
+                hedge: r
+                    .hedge
+                    .unwrap_or_else(|| inputs.iter().any(|c| c.config.name == r.cluster && c.config.hedge.enabled)),
+            })
+            .collect();
+        let clusters = inputs
+            .into_iter()
+            .map(|input| self.build_cluster(&config, input, zone_metrics, now))
+            .collect();
+        self.order.retain(|name, _| config.clusters.iter().any(|c| &c.name == name));
+        RoutingTable {
+            generation,
+            built_at: now,
+            config,
+            routes,
+            clusters,
+        }
+    }
+
+    fn build_cluster<C>(
+        &mut self,
+        config: &Config,
+        input: ClusterInput<C>,
+        zone_metrics: &dyn Fn(&str, &str, &str) -> ZoneMetrics,
+        now: Instant,
+    ) -> ClusterTable<C> {
+        let ClusterInput {
+            config: cc,
+            runtime,
+            endpoints,
+        } = input;
+        // Group endpoints by zone, keeping the first-seen order of zones.
+        let mut keys: Vec<ZoneKey> = Vec::new();
+        let mut groups: HashMap<ZoneKey, Vec<EndpointEntry>> = HashMap::new();
+        for e in endpoints {
+            let key = (e.state.region.clone(), e.state.zone.clone());
+            if !groups.contains_key(&key) {
+                keys.push(key.clone());
+            }
+            groups.entry(key).or_default().push(e);
+        }
+        let latency: HashMap<ZoneKey, Option<f64>> = keys
+            .iter()
+            .map(|k| (k.clone(), zone_latency_ms(groups[k].iter())))
+            .collect();
+
+        let order = self.rank(&cc.name, &keys, &latency, &config.locality, &config.routing, now);
+
+        let mut zones: Vec<ZoneTable> = order
+            .iter()
+            .enumerate()
+            .map(|(rank, key)| {
+                let endpoints = groups.remove(key).unwrap_or_default();
+                let candidates: Vec<EndpointEntry> =
+                    endpoints.iter().filter(|e| e.weight > 0 && e.state.is_available()).cloned().collect();
+                let dial = cc.traffic_dial.get(&*key.0).copied().unwrap_or(100);
+                ZoneTable {
+                    region: key.0.clone(),
+                    zone: key.1.clone(),
+                    rank,
+                    healthy: endpoints.iter().filter(|e| e.state.is_available()).count(),
+                    cum_weights: Vec::new(),
+                    candidates,
+                    endpoints,
+                    share: 0.0,
+                    dial,
+                    latency_ms: latency.get(key).copied().flatten(),
+                    metrics: zone_metrics(&cc.name, &key.0, &key.1),
+                }
+            })
+            .collect();
+
+        let health: Vec<f64> = zones
+            .iter()
+            .map(|z| {
+                let total = z.endpoints.iter().filter(|e| e.weight > 0).count();
+                if total == 0 {
+                    0.0
+                } else {
+                    (z.candidates.len() as f64 / total as f64 * cc.overprovisioning_factor).min(1.0)
+                }
+            })
+            .collect();
+        let panic = health.iter().all(|h| *h == 0.0);
+        let slices = if panic {
+            // Fail open: nothing is known healthy, so try the nearest zone's endpoints and
+            // let retries move on to the next zone.
+            for z in zones.iter_mut() {
+                z.candidates = z.endpoints.iter().filter(|e| e.weight > 0).cloned().collect();
+            }
+            match zones.iter().position(|z| !z.candidates.is_empty()) {
+                Some(i) => vec![Slice {
+                    zone: i,
+                    upto: 1.0,
+                    reason: Reason::Panic,
+                }],
+                None => Vec::new(),
+            }
+        } else {
+            distribute(&zones, &health, &cc)
+        };
+        for s in slices.iter().enumerate() {
+            let (i, slice) = s;
+            let from = if i == 0 { 0.0 } else { slices[i - 1].upto };
+            zones[slice.zone].share += slice.upto - from;
+        }
+        for z in zones.iter_mut() {
+            let first = z.candidates.first().map(|e| e.weight);
+            if z.candidates.iter().any(|e| Some(e.weight) != first) {
+                let mut acc = 0u32;
+                z.cum_weights = z
+                    .candidates
+                    .iter()
+                    .map(|e| {
+                        acc += e.weight;
+                        acc
+                    })
+                    .collect();
+            }
+        }
+        ClusterTable {
+            name: Arc::from(cc.name.as_str()),
+            latency_decay: config.routing.latency_decay,
+            config: cc,
+            runtime,
+            zones,
+            slices,
+            panic,
+        }
+    }
+
+    /// Orders zones nearest first. The previous order stands unless a zone is faster than the
+    /// one ahead of it by more than the hysteresis margin, for `rank_hold` (or at once when it
+    /// is at least twice as fast). Unmeasured zones go last, by locality.
+    fn rank(
+        &mut self,
+        cluster: &str,
+        keys: &[ZoneKey],
+        latency: &HashMap<ZoneKey, Option<f64>>,
+        locality: &crate::config::Locality,
+        routing: &RoutingConfig,
+        now: Instant,
+    ) -> Vec<ZoneKey> {
+        let locality_rank = |k: &ZoneKey| -> u8 {
+            if *k.1 == locality.zone {
+                0
+            } else if *k.0 == locality.region {
+                1
+            } else {
+                2
+            }
+        };
+        let prev = self.order.get(cluster).cloned().unwrap_or_default();
+        let mut order: Vec<ZoneKey> = prev.iter().filter(|k| keys.contains(k)).cloned().collect();
+        // Newcomers take their place by latency (then locality) without hysteresis.
+        let mut fresh: Vec<ZoneKey> = keys.iter().filter(|k| !order.contains(k)).cloned().collect();
+        fresh.sort_by(|a, b| {
+            let la = latency[a].unwrap_or(f64::INFINITY);
+            let lb = latency[b].unwrap_or(f64::INFINITY);
+            la.total_cmp(&lb)
+                .then(locality_rank(a).cmp(&locality_rank(b)))
+                .then(a.1.cmp(&b.1))
+        });
+        for k in fresh {
+            let lk = latency[&k].unwrap_or(f64::INFINITY);
+            let pos = order
+                .iter()
+                .position(|o| latency[o].unwrap_or(f64::INFINITY) > lk)
+                .unwrap_or(order.len());
+            order.insert(pos, k);
+        }
+        // Insertion sort under the hysteresis relation.
+        let mut seen = Vec::new();
+        for i in 1..order.len() {
+            let mut j = i;
+            while j > 0 {
+                let (b, a) = (&order[j], &order[j - 1]);
+                let pair = (b.clone(), a.clone());
+                seen.push(pair.clone());
+                if self.beats(pair, latency[b], latency[a], routing, now) {
+                    order.swap(j, j - 1);
+                    j -= 1;
+                } else {
+                    break;
+                }
+            }
+        }
+        // Forget challenges between zones that are no longer neighbours.
+        self.challenges.retain(|k, _| seen.contains(k));
+        self.order.insert(cluster.to_string(), order.clone());
+        order
+    }
+
+    fn beats(
+        &mut self,
+        pair: (ZoneKey, ZoneKey),
+        challenger: Option<f64>,
+        incumbent: Option<f64>,
+        routing: &RoutingConfig,
+        now: Instant,
+    ) -> bool {
+        let (b, a) = match (challenger, incumbent) {
+            (Some(b), Some(a)) => (b, a),
+            (Some(_), None) => return true,
+            _ => return false,
+        };
+        // Below a quarter millisecond the difference is scheduler noise, not distance.
+        let clearly = b * (1.0 + routing.hysteresis) < a && a - b > 0.25;
+        if !clearly {
+            self.challenges.remove(&pair);
+            return false;
+        }
+        if b * 2.0 <= a {
+            self.challenges.remove(&pair);
+            return true;
+        }
+        let since = *self.challenges.entry(pair.clone()).or_insert(now);
+        if now.duration_since(since) >= routing.rank_hold {
+            self.challenges.remove(&pair);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Health-driven shares down the ranking, then dials.
+fn distribute(zones: &[ZoneTable], health: &[f64], cc: &ClusterConfig) -> Vec<Slice> {
+    // Envoy's priority load: each zone keeps min(1, healthy share x factor) of what reaches
+    // it; the rest spills to the next. When total health is below 1, scale it up so the
+    // healthy zones still carry all the traffic.
+    let total: f64 = health.iter().sum::<f64>().min(1.0);
+    let mut remaining = 1.0f64;
+    let mut load = vec![0.0f64; zones.len()];
+    let mut reason = vec![Reason::Nearest; zones.len()];
+    let mut any_before = false;
+    for (i, h) in health.iter().enumerate() {
+        let take = (h / total).min(remaining).max(0.0);
+        load[i] = take;
+        remaining -= take;
+        reason[i] = if i == 0 {
+            Reason::Nearest
+        } else if !any_before {
+            Reason::Failover
+        } else {
+            Reason::Spillover
+        };
+        if *h > 0.0 {
+            any_before = true;
+        }
+    }
+    // A zone whose region is dialled down keeps `dial`% of its load; the excess goes to the
+    // next zones in rank order of undialled regions, as far as their health allows.
+    let mut parts: Vec<(usize, f64, Reason)> = Vec::new();
+    let mut excess = Vec::new();
+    for (i, z) in zones.iter().enumerate() {
+        if load[i] <= 0.0 {
+            continue;
+        }
+        let keep = load[i] * z.dial as f64 / 100.0;
+        if keep > 0.0 {
+            parts.push((i, keep, reason[i]));
+        }
+        if load[i] - keep > 0.0 {
+            excess.push((i, load[i] - keep, reason[i]));
+        }
+    }
+    let mut headroom: Vec<f64> = zones
+        .iter()
+        .enumerate()
+        .map(|(i, z)| if z.dial == 100 { (health[i] / total).min(1.0) - load[i] } else { 0.0 })
+        .collect();
+    for (from, mut amount, original) in excess {
+        for (j, room) in headroom.iter_mut().enumerate() {
+            if amount <= 1e-12 {
+                break;
+            }
+            let take = amount.min(*room);
+            if take > 1e-12 {
+                parts.push((j, take, Reason::Dial));
+                *room -= take;
+                amount -= take;
+            }
+        }
+        // Nowhere else can take it: the dialled region still serves, unless told not to.
+        if amount > 1e-12 && cc.dial_fallback {
+            parts.push((from, amount, original));
+        }
+    }
+    // Contiguous slices in rank order, merging equal (zone, reason) neighbours.
+    parts.sort_by_key(|p| (p.0, p.2 as u8));
+    let mut slices: Vec<Slice> = Vec::new();
+    let mut acc = 0.0;
+    for (zone, amount, reason) in parts {
+        acc += amount;
+        match slices.last_mut() {
+            Some(s) if s.zone == zone && s.reason == reason => s.upto = acc,
+            _ => slices.push(Slice { zone, upto: acc, reason }),
+        }
+    }
+    slices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, Config};
+    use crate::health::{EndpointState, Status};
+    use crate::metrics::Metrics;
+
+    fn config(dials: &str) -> Config {
+        let text = format!(
+            r#"
+[locality]
+region = "r1"
+zone = "a"
+[[cluster]]
+name = "api"
+{dials}
+[[cluster.endpoint]]
+address = "127.0.0.1:1"
+region = "r1"
+zone = "a"
+[[route]]
+cluster = "api"
+"#
+        );
+        parse("t.toml", &text, &|_| None).expect("valid")
+    }
+
+    struct Fixture {
+        metrics: Metrics,
+        endpoints: Vec<Arc<EndpointState>>,
+    }
+
+    impl Fixture {
+        /// `zones`: (region, zone, endpoints, latency ms).
+        fn new(zones: &[(&str, &str, usize, f64)]) -> Fixture {
+            let metrics = Metrics::new();
+            let mut endpoints = Vec::new();
+            let mut port = 10000u16;
+            for (region, zone, n, ms) in zones {
+                for _ in 0..*n {
+                    port += 1;
+                    let e = EndpointState::detached("api", ([127, 0, 0, 1], port).into(), region, zone, &metrics);
+                    e.force_status(Status::Healthy);
+                    e.latency.observe(Duration::from_secs_f64(ms / 1000.0), Duration::from_secs(5));
+                    endpoints.push(e);
+                }
+            }
+            Fixture { metrics, endpoints }
+        }
+
+        fn build(&self, b: &mut TableBuilder, cfg: &Config, now: Instant) -> RoutingTable<()> {
+            let cc = cfg.clusters[0].clone();
+            let shared = self.endpoints[0].shared().clone();
+            let runtime = Arc::new(ClusterRuntime {
+                shared,
+                client: (),
+                metrics: ClusterMetrics::new(&self.metrics, "api"),
+            });
+            let input = ClusterInput {
+                config: cc,
+                runtime,
+                endpoints: self
+                    .endpoints
+                    .iter()
+                    .map(|e| EndpointEntry {
+                        state: e.clone(),
+                        weight: 100,
+                    })
+                    .collect(),
+            };
+            b.build(1, Arc::new(cfg.clone()), vec![input], &|c, r, z| self.metrics.zone(c, r, z), now)
+        }
+
+        fn set_latency(&self, zone: &str, ms: f64) {
+            for e in self.endpoints.iter().filter(|e| &*e.zone == zone) {
+                e.latency.reset_for_test();
+                e.latency.observe(Duration::from_secs_f64(ms / 1000.0), Duration::from_secs(5));
+            }
+        }
+    }
+
+    fn order(t: &RoutingTable<()>) -> Vec<String> {
+        t.clusters[0].zones.iter().map(|z| z.zone.to_string()).collect()
+    }
+
+    fn shares(t: &RoutingTable<()>) -> Vec<(String, f64)> {
+        t.clusters[0]
+            .zones
+            .iter()
+            .map(|z| (z.zone.to_string(), (z.share * 1000.0).round() / 1000.0))
+            .collect()
+    }
+
+    #[test]
+    fn ranks_nearest_first_and_sends_all_traffic_there() {
+        let f = Fixture::new(&[("r2", "far", 2, 80.0), ("r1", "b", 2, 8.0), ("r1", "a", 2, 1.0)]);
+        let t = f.build(&mut TableBuilder::new(), &config(""), Instant::now());
+        assert_eq!(order(&t), ["a", "b", "far"]);
+        assert_eq!(t.clusters[0].slices, vec![Slice { zone: 0, upto: 1.0, reason: Reason::Nearest }]);
+    }
+
+    #[test]
+    fn hysteresis_keeps_order_of_near_equal_zones_and_moves_on_clear_wins() {
+        let f = Fixture::new(&[("r1", "a", 1, 10.0), ("r1", "b", 1, 10.5)]);
+        let cfg = config("");
+        let mut b = TableBuilder::new();
+        let t0 = Instant::now();
+        assert_eq!(order(&f.build(&mut b, &cfg, t0)), ["a", "b"]);
+        // b becomes 5% faster: inside the 10% margin, no change however long it lasts.
+        f.set_latency("b", 9.5);
+        assert_eq!(order(&f.build(&mut b, &cfg, t0 + Duration::from_secs(5))), ["a", "b"]);
+        // b becomes 20% faster: it must hold that lead for rank_hold (1 s) first.
+        f.set_latency("b", 8.0);
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(order(&f.build(&mut b, &cfg, t1)), ["a", "b"]);
+        assert_eq!(order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(500))), ["a", "b"]);
+        assert_eq!(order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1100))), ["b", "a"]);
+        // a becomes twice as fast as b: it passes at once.
+        f.set_latency("a", 3.0);
+        assert_eq!(order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1200))), ["a", "b"]);
+    }
+
+    #[test]
+    fn partial_health_spills_over_like_envoy() {
+        let f = Fixture::new(&[("r1", "a", 4, 1.0), ("r1", "b", 4, 8.0)]);
+        // 3 of 4 healthy: 0.75 x 1.4 > 1, zone a keeps everything.
+        f.endpoints[0].force_status(Status::Unhealthy);
+        let mut b = TableBuilder::new();
+        let t = f.build(&mut b, &config(""), Instant::now());
+        assert_eq!(shares(&t), [("a".into(), 1.0), ("b".into(), 0.0)]);
+        // 1 of 4 healthy: keeps 0.25 x 1.4 = 35%, the rest spills.
+        f.endpoints[1].force_status(Status::Unhealthy);
+        f.endpoints[2].force_status(Status::Unhealthy);
+        let t = f.build(&mut b, &config(""), Instant::now());
+        assert_eq!(shares(&t), [("a".into(), 0.35), ("b".into(), 0.65)]);
+        assert_eq!(t.clusters[0].slices[1].reason, Reason::Spillover);
+        // None healthy in a: all goes to b as failover.
+        f.endpoints[3].force_status(Status::Unhealthy);
+        let t = f.build(&mut b, &config(""), Instant::now());
+        assert_eq!(shares(&t), [("a".into(), 0.0), ("b".into(), 1.0)]);
+        assert_eq!(t.clusters[0].slices[0].reason, Reason::Failover);
+    }
+
+    #[test]
+    fn dial_caps_a_region_and_falls_back_when_alone() {
+        let f = Fixture::new(&[("r1", "a", 2, 1.0), ("r2", "b", 2, 8.0)]);
+        let mut b = TableBuilder::new();
+        let t = f.build(&mut b, &config("traffic_dial = { r1 = 30 }"), Instant::now());
+        assert_eq!(shares(&t), [("a".into(), 0.3), ("b".into(), 0.7)]);
+        assert_eq!(t.clusters[0].slices[1].reason, Reason::Dial);
+        for e in f.endpoints.iter().filter(|e| &*e.zone == "b") {
+            e.force_status(Status::Unhealthy);
+        }
+        let t = f.build(&mut b, &config("traffic_dial = { r1 = 0 }"), Instant::now());
+        assert_eq!(shares(&t), [("a".into(), 1.0), ("b".into(), 0.0)]);
+    }
+
+    #[test]
+    fn nothing_healthy_fails_open_to_the_nearest_zone() {
+        let f = Fixture::new(&[("r1", "a", 2, 1.0), ("r1", "b", 2, 8.0)]);
+        for e in &f.endpoints {
+            e.force_status(Status::Unhealthy);
+        }
+        let t = f.build(&mut TableBuilder::new(), &config(""), Instant::now());
+        let c = &t.clusters[0];
+        assert!(c.panic);
+        assert_eq!(c.slices, vec![Slice { zone: 0, upto: 1.0, reason: Reason::Panic }]);
+        assert_eq!(c.zones[0].candidates.len(), 2);
+    }
+}
