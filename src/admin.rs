@@ -45,34 +45,60 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>) {
     }
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
-    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
 fn json_response(status: StatusCode, v: &impl Serialize) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let body =
+        serde_json::to_vec(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     respond(status, "application/json", body)
 }
 
-async fn handle(router: Arc<Router>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    router: Arc<Router>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let r = match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => respond(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => match router.readiness() {
             Ok(()) => json_response(StatusCode::OK, &json!({"ready": true})),
-            Err(reason) => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": reason})),
+            Err(reason) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"ready": false, "reason": reason}),
+            ),
         },
         (&Method::GET, "/metrics") => {
-            router.metrics.table_age.set(router.table().built_at.elapsed().as_secs_f64());
-            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", router.metrics.render())
+            router
+                .metrics
+                .table_age
+                .set(router.table().built_at.elapsed().as_secs_f64());
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                router.metrics.render(),
+            )
         }
         (&Method::GET, "/routes") => json_response(StatusCode::OK, &routes_json(&router.table())),
-        (&Method::GET, "/events") => json_response(StatusCode::OK, &json!({"events": router.events.snapshot()})),
+        (&Method::GET, "/events") => {
+            json_response(StatusCode::OK, &json!({"events": router.events.snapshot()}))
+        }
         (&Method::POST, "/reload") => {
             let r2 = router.clone();
             // Parsing and validation read a file: keep them off the admin task's thread.
@@ -81,15 +107,26 @@ async fn handle(router: Arc<Router>, req: Request<Incoming>) -> Result<Response<
                 .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
             match result {
                 Ok(msg) => json_response(StatusCode::OK, &json!({"ok": true, "message": msg})),
-                Err(e) => json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({"ok": false, "error": e})),
+                Err(e) => json_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"ok": false, "error": e}),
+                ),
             }
         }
         (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
         (_, p) if p == "/demo" || p.starts_with("/demo/") => demo(&router, &method, p),
         (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/events" | "/reload" | "/") => {
-            respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n")
+            respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n",
+            )
         }
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found: try /healthz /readyz /metrics /routes /events /reload\n"),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /healthz /readyz /metrics /routes /events /reload\n",
+        ),
     };
     Ok(r)
 }
@@ -97,7 +134,11 @@ async fn handle(router: Arc<Router>, req: Request<Incoming>) -> Result<Response<
 fn demo(router: &Router, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let demo = router.demo.lock().ok().and_then(|d| d.clone());
     let Some(demo) = demo else {
-        return respond(StatusCode::NOT_FOUND, "text/plain", "not running the demo\n");
+        return respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not running the demo\n",
+        );
     };
     if method == Method::GET && path == "/demo" {
         return json_response(StatusCode::OK, &demo.describe());
@@ -165,6 +206,7 @@ struct EndpointJson<'a> {
     status: &'static str,
     ejected: bool,
     latency_ms: Option<f64>,
+    peak_latency_ms: Option<f64>,
     in_flight: u32,
     weight: u32,
     requests: u64,
@@ -204,7 +246,11 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
                         rank: z.rank,
                         // Live, not the snapshot taken when the table was built.
                         latency_ms: zone_latency_ms(z.endpoints.iter()).map(round3),
-                        healthy: z.endpoints.iter().filter(|e| e.state.is_available()).count(),
+                        healthy: z
+                            .endpoints
+                            .iter()
+                            .filter(|e| e.state.is_available())
+                            .count(),
                         endpoints: z.endpoints.len(),
                         share: round3(z.share),
                         dial: z.dial,
@@ -222,6 +268,7 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
                         status: e.state.status().as_str(),
                         ejected: e.state.is_ejected(),
                         latency_ms: e.state.latency_ms().map(round3),
+                        peak_latency_ms: e.state.peak_latency_ms().map(round3),
                         in_flight: e.state.in_flight.load(Ordering::Relaxed),
                         weight: e.weight,
                         requests: e.state.requests.load(Ordering::Relaxed),

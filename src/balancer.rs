@@ -46,7 +46,11 @@ pub fn random_unit() -> f64 {
 pub fn pick<'t, C>(cluster: &'t ClusterTable<C>, max_in_flight: u32) -> Option<Pick<'t>> {
     let total = cluster.slices.last()?.upto;
     let u = random_unit() * total;
-    let slice_idx = cluster.slices.iter().position(|s| u < s.upto).unwrap_or(cluster.slices.len() - 1);
+    let slice_idx = cluster
+        .slices
+        .iter()
+        .position(|s| u < s.upto)
+        .unwrap_or(cluster.slices.len() - 1);
     let slice = cluster.slices[slice_idx];
     if let Some(endpoint) = p2c(&cluster.zones[slice.zone], None, max_in_flight) {
         return Some(Pick {
@@ -72,11 +76,19 @@ pub fn pick_other<'t, C>(
             continue;
         }
         if let Some(endpoint) = p2c(z, Some(failed), max_in_flight) {
-            return Some(Pick { zone: i, endpoint, reason });
+            return Some(Pick {
+                zone: i,
+                endpoint,
+                reason,
+            });
         }
     }
     let i = failed_zone?;
-    p2c(&cluster.zones[i], Some(failed), max_in_flight).map(|endpoint| Pick { zone: i, endpoint, reason })
+    p2c(&cluster.zones[i], Some(failed), max_in_flight).map(|endpoint| Pick {
+        zone: i,
+        endpoint,
+        reason,
+    })
 }
 
 fn next_zone<'t, C>(
@@ -92,18 +104,32 @@ fn next_zone<'t, C>(
         .enumerate()
         .skip(after + 1)
         .chain(cluster.zones.iter().enumerate().take(after))
-        .find_map(|(i, z)| p2c(z, exclude, max_in_flight).map(|endpoint| Pick { zone: i, endpoint, reason }))
+        .find_map(|(i, z)| {
+            p2c(z, exclude, max_in_flight).map(|endpoint| Pick {
+                zone: i,
+                endpoint,
+                reason,
+            })
+        })
 }
 
 /// Client affinity: the same key lands on the same endpoint of the same zone as long as it
 /// is available. The zone comes from the table's slices (the key's hash stands in for the
 /// random draw) and the endpoint by rendezvous hashing, so removing one endpoint moves only
 /// the keys that were on it.
-pub fn pick_affinity<'t, C>(cluster: &'t ClusterTable<C>, key: &[u8], max_in_flight: u32) -> Option<Pick<'t>> {
+pub fn pick_affinity<'t, C>(
+    cluster: &'t ClusterTable<C>,
+    key: &[u8],
+    max_in_flight: u32,
+) -> Option<Pick<'t>> {
     let total = cluster.slices.last()?.upto;
     let h = hash64(key, 0x9e37_79b9_7f4a_7c15);
     let u = ((h >> 11) as f64 / (1u64 << 53) as f64) * total;
-    let slice = cluster.slices.iter().find(|s| u < s.upto).or(cluster.slices.last())?;
+    let slice = cluster
+        .slices
+        .iter()
+        .find(|s| u < s.upto)
+        .or(cluster.slices.last())?;
     let zone = &cluster.zones[slice.zone];
     let best = zone
         .candidates
@@ -120,7 +146,11 @@ pub fn pick_affinity<'t, C>(cluster: &'t ClusterTable<C>, key: &[u8], max_in_fli
         Some((_, endpoint)) => Some(Pick {
             zone: slice.zone,
             endpoint,
-            reason: if cluster.panic { Reason::Panic } else { Reason::Affinity },
+            reason: if cluster.panic {
+                Reason::Panic
+            } else {
+                Reason::Affinity
+            },
         }),
         None => pick(cluster, max_in_flight),
     }
@@ -152,7 +182,11 @@ fn hash64(data: &[u8], seed: u64) -> u64 {
 /// Costs within 20% of each other count as equal and the first draw wins, which keeps the
 /// weighted draw in charge when endpoints are alike (so weights hold) and lets load and
 /// latency decide when they are not.
-fn p2c<'t>(zone: &'t ZoneTable, exclude: Option<&EndpointState>, max_in_flight: u32) -> Option<&'t EndpointEntry> {
+fn p2c<'t>(
+    zone: &'t ZoneTable,
+    exclude: Option<&EndpointState>,
+    max_in_flight: u32,
+) -> Option<&'t EndpointEntry> {
     let n = zone.candidates.len();
     let usable = |e: &EndpointEntry| {
         !exclude.is_some_and(|x| std::ptr::eq(x, &*e.state))
@@ -182,7 +216,13 @@ fn p2c<'t>(zone: &'t ZoneTable, exclude: Option<&EndpointState>, max_in_flight: 
         (false, true) => eb,
         // Both drawn candidates are out: scan once so a saturated pair does not fail a
         // request that another endpoint could take.
-        (false, false) => return zone.candidates.iter().filter(|e| usable(e)).min_by(|x, y| cost(x).total_cmp(&cost(y))),
+        (false, false) => {
+            return zone
+                .candidates
+                .iter()
+                .filter(|e| usable(e))
+                .min_by(|x, y| cost(x).total_cmp(&cost(y)))
+        }
     };
     Some(chosen)
 }

@@ -89,8 +89,19 @@ pub struct RoutingConfig {
     pub hysteresis: f64,
     /// ...and stay faster for this long, unless it is at least twice as fast.
     pub rank_hold: Duration,
-    /// Time constant of the latency average's decay after a peak.
+    /// Time constant of the peak-sensitive latency average (in-zone pick) after a peak.
     pub latency_decay: Duration,
+    /// Time constant of the smoothed latency average that ranks zones.
+    pub rank_decay: Duration,
+}
+
+impl RoutingConfig {
+    pub fn decay(&self) -> crate::health::Decay {
+        crate::health::Decay {
+            peak: self.latency_decay,
+            smooth: self.rank_decay,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -273,6 +284,7 @@ mod raw {
         pub hysteresis_percent: Option<f64>,
         pub rank_hold: Option<String>,
         pub latency_decay: Option<String>,
+        pub rank_decay: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -396,11 +408,19 @@ pub fn parse(
     let raw: raw::File = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner
-            .span()
-            .map(|s| expanded[..s.start.min(expanded.len())].lines().count().max(1));
+        let line = inner.span().map(|s| {
+            expanded[..s.start.min(expanded.len())]
+                .lines()
+                .count()
+                .max(1)
+        });
         // toml's own message spans several lines (a snippet with a caret); keep the first.
-        let msg = inner.message().lines().next().unwrap_or("invalid").to_string();
+        let msg = inner
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid")
+            .to_string();
         let path = match (path.as_str(), line) {
             (".", Some(l)) | ("", Some(l)) => format!("line {l}"),
             (".", None) | ("", None) => String::new(),
@@ -414,10 +434,7 @@ pub fn parse(
 
 /// `${NAME}` and `${NAME:-default}` are replaced from the environment, so one file can serve
 /// every zone of a fleet. `$${` writes a literal `${`. Comment lines are left alone.
-fn expand_env(
-    text: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, (usize, String)> {
+fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(text.len());
     for (i, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') || !line.contains('$') {
@@ -440,8 +457,8 @@ fn expand_env(
                     Some((n, d)) => (n, Some(d)),
                     None => (spec, None),
                 };
-                let valid = !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let valid =
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
                     return Err((i + 1, format!("invalid variable name {name:?} in ${{...}}")));
                 }
@@ -479,7 +496,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("{s:?} has unknown unit {unit:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "{s:?} has unknown unit {unit:?} (use ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs > 1e9 {
         return Err(format!("{s:?} is out of range"));
@@ -508,7 +529,9 @@ pub fn parse_endpoint_address(s: &str) -> Result<EndpointAddress, String> {
         return Err(format!("address {s:?}: port 0 is not allowed"));
     }
     if !valid_dns_name(host) {
-        return Err(format!("address {s:?}: {host:?} is not an IP address or DNS name"));
+        return Err(format!(
+            "address {s:?}: {host:?} is not an IP address or DNS name"
+        ));
     }
     Ok(EndpointAddress::Dns {
         host: host.to_string(),
@@ -559,14 +582,24 @@ impl V<'_> {
         }
     }
 
-    fn duration(&self, path: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        path: &str,
+        v: Option<&String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
             Some(s) => parse_duration(s).map_err(|p| self.err(path, p)),
         }
     }
 
-    fn positive_duration(&self, path: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+    fn positive_duration(
+        &self,
+        path: &str,
+        v: Option<&String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
         let d = self.duration(path, v, default)?;
         if d.is_zero() {
             return Err(self.err(path, "must be greater than 0"));
@@ -574,7 +607,14 @@ impl V<'_> {
         Ok(d)
     }
 
-    fn int(&self, path: &str, v: Option<i64>, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+    fn int(
+        &self,
+        path: &str,
+        v: Option<i64>,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> Result<i64, ConfigError> {
         let n = v.unwrap_or(default);
         if n < min || n > max {
             return Err(self.err(path, format!("{n} is out of range ({min} to {max})")));
@@ -582,7 +622,14 @@ impl V<'_> {
         Ok(n)
     }
 
-    fn float(&self, path: &str, v: Option<f64>, default: f64, min: f64, max: f64) -> Result<f64, ConfigError> {
+    fn float(
+        &self,
+        path: &str,
+        v: Option<f64>,
+        default: f64,
+        min: f64,
+        max: f64,
+    ) -> Result<f64, ConfigError> {
         let n = v.unwrap_or(default);
         if !n.is_finite() || n < min || n > max {
             return Err(self.err(path, format!("{n} is out of range ({min} to {max})")));
@@ -626,16 +673,42 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
         tls,
         route_header: rl.route_header.unwrap_or(false),
         access_log: rl.access_log.unwrap_or(true),
-        max_connections: v.int("listener.max_connections", rl.max_connections, 10_000, 1, 1_000_000)? as usize,
+        max_connections: v.int(
+            "listener.max_connections",
+            rl.max_connections,
+            10_000,
+            1,
+            1_000_000,
+        )? as usize,
         header_read_timeout: v.positive_duration(
             "listener.header_read_timeout",
             rl.header_read_timeout.as_ref(),
             Duration::from_secs(10),
         )?,
-        max_header_bytes: v.int("listener.max_header_bytes", rl.max_header_bytes, 64 * 1024, 8192, 1 << 20)? as usize,
-        idle_timeout: v.positive_duration("listener.idle_timeout", rl.idle_timeout.as_ref(), Duration::from_secs(60))?,
-        drain_timeout: v.duration("listener.drain_timeout", rl.drain_timeout.as_ref(), Duration::from_secs(30))?,
-        max_concurrent_streams: v.int("listener.max_concurrent_streams", rl.max_concurrent_streams, 256, 1, 65_535)? as u32,
+        max_header_bytes: v.int(
+            "listener.max_header_bytes",
+            rl.max_header_bytes,
+            64 * 1024,
+            8192,
+            1 << 20,
+        )? as usize,
+        idle_timeout: v.positive_duration(
+            "listener.idle_timeout",
+            rl.idle_timeout.as_ref(),
+            Duration::from_secs(60),
+        )?,
+        drain_timeout: v.duration(
+            "listener.drain_timeout",
+            rl.drain_timeout.as_ref(),
+            Duration::from_secs(30),
+        )?,
+        max_concurrent_streams: v.int(
+            "listener.max_concurrent_streams",
+            rl.max_concurrent_streams,
+            256,
+            1,
+            65_535,
+        )? as u32,
     };
 
     let admin_addr = raw
@@ -646,7 +719,7 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
     let admin = AdminConfig {
         address: parse_listen_address(&admin_addr).map_err(|p| v.err("admin.address", p))?,
     };
-    if admin.address == listener.address {
+    if admin.address == listener.address && admin.address.port() != 0 {
         return Err(v.err("admin.address", "must differ from listener.address"));
     }
 
@@ -659,14 +732,38 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
                 zone: l.zone,
             }
         }
-        None => return Err(v.err("locality", "missing: say where this router runs (region and zone)")),
+        None => {
+            return Err(v.err(
+                "locality",
+                "missing: say where this router runs (region and zone)",
+            ))
+        }
     };
 
     let rr = raw.routing.unwrap_or_default();
     let routing = RoutingConfig {
-        hysteresis: v.float("routing.hysteresis_percent", rr.hysteresis_percent, 10.0, 0.0, 100.0)? / 100.0,
-        rank_hold: v.duration("routing.rank_hold", rr.rank_hold.as_ref(), Duration::from_secs(1))?,
-        latency_decay: v.positive_duration("routing.latency_decay", rr.latency_decay.as_ref(), Duration::from_secs(5))?,
+        hysteresis: v.float(
+            "routing.hysteresis_percent",
+            rr.hysteresis_percent,
+            10.0,
+            0.0,
+            100.0,
+        )? / 100.0,
+        rank_hold: v.duration(
+            "routing.rank_hold",
+            rr.rank_hold.as_ref(),
+            Duration::from_secs(1),
+        )?,
+        latency_decay: v.positive_duration(
+            "routing.latency_decay",
+            rr.latency_decay.as_ref(),
+            Duration::from_secs(5),
+        )?,
+        rank_decay: v.positive_duration(
+            "routing.rank_decay",
+            rr.rank_decay.as_ref(),
+            Duration::from_secs(2),
+        )?,
     };
 
     if raw.cluster.is_empty() {
@@ -694,11 +791,17 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
     for (ri, r) in raw.route.into_iter().enumerate() {
         let p = format!("route {}", ri + 1);
         if !names.contains(&r.cluster) {
-            return Err(v.err(format!("{p}: cluster"), format!("no cluster named {:?}", r.cluster)));
+            return Err(v.err(
+                format!("{p}: cluster"),
+                format!("no cluster named {:?}", r.cluster),
+            ));
         }
         let path_prefix = r.path_prefix.unwrap_or_else(|| "/".to_string());
         if !path_prefix.starts_with('/') {
-            return Err(v.err(format!("{p}: path_prefix"), format!("{path_prefix:?} must start with /")));
+            return Err(v.err(
+                format!("{p}: path_prefix"),
+                format!("{path_prefix:?} must start with /"),
+            ));
         }
         let host = match r.host {
             None => None,
@@ -706,7 +809,10 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
                 let h = h.to_ascii_lowercase();
                 if let Some(suffix) = h.strip_prefix("*.") {
                     if !valid_dns_name(suffix) {
-                        return Err(v.err(format!("{p}: host"), format!("{h:?} is not a valid host pattern")));
+                        return Err(v.err(
+                            format!("{p}: host"),
+                            format!("{h:?} is not a valid host pattern"),
+                        ));
                     }
                     Some(HostMatch::Suffix(format!(".{suffix}")))
                 } else if valid_dns_name(&h) || h.parse::<IpAddr>().is_ok() {
@@ -723,7 +829,11 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
             host,
             path_prefix,
             cluster: r.cluster,
-            timeout: v.positive_duration(&format!("{p}: timeout"), r.timeout.as_ref(), Duration::from_secs(30))?,
+            timeout: v.positive_duration(
+                &format!("{p}: timeout"),
+                r.timeout.as_ref(),
+                Duration::from_secs(30),
+            )?,
             hedge: r.hedge,
         });
     }
@@ -746,25 +856,29 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         let pct = v.int(&key, Some(pct), 100, 0, 100)?;
         traffic_dial.insert(region, pct as u8);
     }
-    let affinity = match c.affinity {
-        None => Affinity::None,
-        Some(raw::Affinity::Name(n)) => match n.as_str() {
-            "none" => Affinity::None,
-            "source_ip" => Affinity::SourceIp,
-            other => {
-                return Err(v.err(
+    let affinity =
+        match c.affinity {
+            None => Affinity::None,
+            Some(raw::Affinity::Name(n)) => match n.as_str() {
+                "none" => Affinity::None,
+                "source_ip" => Affinity::SourceIp,
+                other => return Err(v.err(
                     format!("{p}: affinity"),
-                    format!("{other:?} is not one of \"none\", \"source_ip\" or {{ header = \"...\" }}"),
-                ))
+                    format!(
+                        "{other:?} is not one of \"none\", \"source_ip\" or {{ header = \"...\" }}"
+                    ),
+                )),
+            },
+            Some(raw::Affinity::Header { header }) => {
+                let h = http::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+                    v.err(
+                        format!("{p}: affinity.header"),
+                        format!("{header:?} is not a valid header name"),
+                    )
+                })?;
+                Affinity::Header(h)
             }
-        },
-        Some(raw::Affinity::Header { header }) => {
-            let h = http::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
-                v.err(format!("{p}: affinity.header"), format!("{header:?} is not a valid header name"))
-            })?;
-            Affinity::Header(h)
-        }
-    };
+        };
     let tls = c.tls.map(|t| UpstreamTls {
         sni: t.sni,
         ca: t.ca.map(PathBuf::from),
@@ -780,16 +894,42 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
     };
     let health_check = HealthCheckConfig {
         path,
-        interval: v.positive_duration(&format!("{hp}.interval"), hc.interval.as_ref(), Duration::from_secs(1))?,
-        timeout: v.positive_duration(&format!("{hp}.timeout"), hc.timeout.as_ref(), Duration::from_millis(500))?,
-        healthy_threshold: v.int(&format!("{hp}.healthy_threshold"), hc.healthy_threshold, 2, 1, 1000)? as u32,
-        unhealthy_threshold: v.int(&format!("{hp}.unhealthy_threshold"), hc.unhealthy_threshold, 2, 1, 1000)? as u32,
+        interval: v.positive_duration(
+            &format!("{hp}.interval"),
+            hc.interval.as_ref(),
+            Duration::from_secs(1),
+        )?,
+        timeout: v.positive_duration(
+            &format!("{hp}.timeout"),
+            hc.timeout.as_ref(),
+            Duration::from_millis(500),
+        )?,
+        healthy_threshold: v.int(
+            &format!("{hp}.healthy_threshold"),
+            hc.healthy_threshold,
+            2,
+            1,
+            1000,
+        )? as u32,
+        unhealthy_threshold: v.int(
+            &format!("{hp}.unhealthy_threshold"),
+            hc.unhealthy_threshold,
+            2,
+            1,
+            1000,
+        )? as u32,
     };
 
     let o = c.outlier.unwrap_or_default();
     let op = format!("{p}: outlier");
     let outlier = OutlierConfig {
-        consecutive_failures: v.int(&format!("{op}.consecutive_failures"), o.consecutive_failures, 5, 0, 1000)? as u32,
+        consecutive_failures: v.int(
+            &format!("{op}.consecutive_failures"),
+            o.consecutive_failures,
+            5,
+            0,
+            1000,
+        )? as u32,
         base_ejection_time: v.positive_duration(
             &format!("{op}.base_ejection_time"),
             o.base_ejection_time.as_ref(),
@@ -800,19 +940,39 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
             o.max_ejection_time.as_ref(),
             Duration::from_secs(300),
         )?,
-        max_ejection_percent: v.int(&format!("{op}.max_ejection_percent"), o.max_ejection_percent, 50, 0, 100)? as u8,
+        max_ejection_percent: v.int(
+            &format!("{op}.max_ejection_percent"),
+            o.max_ejection_percent,
+            50,
+            0,
+            100,
+        )? as u8,
     };
     if outlier.max_ejection_time < outlier.base_ejection_time {
-        return Err(v.err(format!("{op}.max_ejection_time"), "must not be less than base_ejection_time"));
+        return Err(v.err(
+            format!("{op}.max_ejection_time"),
+            "must not be less than base_ejection_time",
+        ));
     }
 
     let r = c.retry.unwrap_or_default();
     let rp = format!("{p}: retry");
     let retry = RetryConfig {
         attempts: v.int(&format!("{rp}.attempts"), r.attempts, 1, 0, 5)? as u32,
-        budget_ratio: v.float(&format!("{rp}.budget_percent"), r.budget_percent, 20.0, 0.0, 100.0)? / 100.0,
-        min_retries_per_second: v.int(&format!("{rp}.min_retries_per_second"), r.min_retries_per_second, 10, 0, 100_000)?
-            as u32,
+        budget_ratio: v.float(
+            &format!("{rp}.budget_percent"),
+            r.budget_percent,
+            20.0,
+            0.0,
+            100.0,
+        )? / 100.0,
+        min_retries_per_second: v.int(
+            &format!("{rp}.min_retries_per_second"),
+            r.min_retries_per_second,
+            10,
+            0,
+            100_000,
+        )? as u32,
     };
 
     let h = c.hedge.unwrap_or_default();
@@ -821,13 +981,26 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         enabled: h.enabled.unwrap_or(false),
         delay: match h.delay.as_deref() {
             None | Some("p95") => None,
-            Some(d) => Some(v.positive_duration(&format!("{hp}.delay"), Some(&d.to_string()), Duration::ZERO)?),
+            Some(d) => Some(v.positive_duration(
+                &format!("{hp}.delay"),
+                Some(&d.to_string()),
+                Duration::ZERO,
+            )?),
         },
-        budget_ratio: v.float(&format!("{hp}.budget_percent"), h.budget_percent, 5.0, 0.0, 100.0)? / 100.0,
+        budget_ratio: v.float(
+            &format!("{hp}.budget_percent"),
+            h.budget_percent,
+            5.0,
+            0.0,
+            100.0,
+        )? / 100.0,
     };
 
     if c.endpoint.is_empty() {
-        return Err(v.err(format!("{p}: endpoint"), "at least one [[cluster.endpoint]] is needed"));
+        return Err(v.err(
+            format!("{p}: endpoint"),
+            "at least one [[cluster.endpoint]] is needed",
+        ));
     }
     let mut endpoints = Vec::with_capacity(c.endpoint.len());
     let mut seen = HashSet::new();
@@ -845,7 +1018,10 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
             (None, None) => return Err(v.err(format!("{ep}: address"), "missing")),
         };
         if !seen.insert(address.clone()) {
-            return Err(v.err(format!("{ep}: address"), format!("duplicate endpoint {address}")));
+            return Err(v.err(
+                format!("{ep}: address"),
+                format!("duplicate endpoint {address}"),
+            ));
         }
         v.name(&format!("{ep}: region"), &e.region)?;
         v.name(&format!("{ep}: zone"), &e.zone)?;
@@ -876,7 +1052,11 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         affinity,
         tls,
         http2: c.http2.unwrap_or(false),
-        connect_timeout: v.positive_duration(&format!("{p}: connect_timeout"), c.connect_timeout.as_ref(), Duration::from_secs(1))?,
+        connect_timeout: v.positive_duration(
+            &format!("{p}: connect_timeout"),
+            c.connect_timeout.as_ref(),
+            Duration::from_secs(1),
+        )?,
         max_requests_per_endpoint: v.int(
             &format!("{p}: max_requests_per_endpoint"),
             c.max_requests_per_endpoint,
@@ -884,7 +1064,13 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
             1,
             1_000_000,
         )? as u32,
-        overprovisioning_factor: v.float(&format!("{p}: overprovisioning_factor"), c.overprovisioning_factor, 1.4, 1.0, 10.0)?,
+        overprovisioning_factor: v.float(
+            &format!("{p}: overprovisioning_factor"),
+            c.overprovisioning_factor,
+            1.4,
+            1.0,
+            10.0,
+        )?,
         health_check,
         outlier,
         retry,
@@ -900,7 +1086,11 @@ impl Config {
         let zones: HashSet<(&str, &str)> = self
             .clusters
             .iter()
-            .flat_map(|c| c.endpoints.iter().map(|e| (e.region.as_str(), e.zone.as_str())))
+            .flat_map(|c| {
+                c.endpoints
+                    .iter()
+                    .map(|e| (e.region.as_str(), e.zone.as_str()))
+            })
             .collect();
         format!(
             "{}: ok: {} cluster(s), {} endpoint(s) in {} zone(s), {} route(s); listener {}, admin {}, locality {}/{}",
@@ -971,7 +1161,9 @@ cluster = "api"
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration("10parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("10parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
     }
 
     #[test]
@@ -985,14 +1177,26 @@ cluster = "api"
 
     #[test]
     fn env_expansion() {
-        let text = GOOD.replace("zone = \"us-east-1a\"\n[[cluster]]", "zone = \"${EDGE_ZONE}\"\n[[cluster]]");
+        let text = GOOD.replace(
+            "zone = \"us-east-1a\"\n[[cluster]]",
+            "zone = \"${EDGE_ZONE}\"\n[[cluster]]",
+        );
         let env = |n: &str| (n == "EDGE_ZONE").then(|| "eu-west-1b".to_string());
         let c = parse("edge.toml", &text, &env).expect("valid");
         assert_eq!(c.locality.zone, "eu-west-1b");
         let e = parse_err(&text);
-        assert!(e.contains("environment variable EDGE_ZONE is not set"), "{e}");
+        assert!(
+            e.contains("environment variable EDGE_ZONE is not set"),
+            "{e}"
+        );
         assert!(e.starts_with("edge.toml: line "), "{e}");
         let d = text.replace("${EDGE_ZONE}", "${EDGE_ZONE:-z1}");
-        assert_eq!(parse("edge.toml", &d, &no_env).expect("valid").locality.zone, "z1");
+        assert_eq!(
+            parse("edge.toml", &d, &no_env)
+                .expect("valid")
+                .locality
+                .zone,
+            "z1"
+        );
     }
 }

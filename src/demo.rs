@@ -93,7 +93,10 @@ impl Demo {
             for _ in 0..*n {
                 listeners.push(TcpListener::bind("127.0.0.1:0").await?);
             }
-            let endpoints = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+            let endpoints = listeners
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect();
             let z = Arc::new(DemoZone {
                 region,
                 zone,
@@ -140,7 +143,9 @@ impl Demo {
             .ok_or_else(|| format!("no demo zone {zone:?}"))?;
         z.state.store(state as u8, Ordering::Relaxed);
         Ok(match state {
-            ZoneState::Down => format!("demo: zone {zone} is down (its backends drop every connection)"),
+            ZoneState::Down => {
+                format!("demo: zone {zone} is down (its backends drop every connection)")
+            }
             ZoneState::Up => format!("demo: zone {zone} is up again"),
             ZoneState::Slow => format!("demo: zone {zone} is slow (+{SLOW_EXTRA_MS} ms)"),
         })

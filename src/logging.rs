@@ -18,10 +18,16 @@ pub fn init(format: Format) -> WorkerGuard {
         .lossy(true)
         .buffered_lines_limit(64 * 1024)
         .finish(std::io::stdout());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     let result = match format {
         Format::Text => builder.with_ansi(false).try_init(),
-        Format::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        Format::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     };
     if let Err(e) = result {
         eprintln!("warning: logging already initialised: {e}");

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use edge_router::{config, demo, logging, server};
 
 #[derive(Parser)]
-#[command(name = "edge-router", version, about = "A latency-aware reverse proxy: every request goes to the nearest healthy zone.")]
+#[command(
+    name = "edge-router",
+    version,
+    about = "A latency-aware reverse proxy: every request goes to the nearest healthy zone."
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -75,7 +79,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn with_runtime(workers: Option<usize>, fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+fn with_runtime(
+    workers: Option<usize>,
+    fut: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all();
     if let Some(n) = workers {
@@ -108,14 +115,19 @@ fn signals(router: Arc<server::Router>) {
     use tokio::signal::unix::{signal, SignalKind};
     let r = router.clone();
     tokio::spawn(async move {
-        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
         while hup.recv().await.is_some() {
             let r = r.clone();
             let _ = tokio::task::spawn_blocking(move || r.reload()).await;
         }
     });
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {

@@ -6,8 +6,8 @@
 //! per-endpoint handles once and carries them in the table (see [`ZoneMetrics`]).
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use prometheus::{Gauge, GaugeVec};
@@ -51,7 +51,8 @@ pub struct Metrics {
 macro_rules! reg {
     ($r:expr, $m:expr) => {{
         let m = $m.expect("metric definition");
-        $r.register(Box::new(m.clone())).expect("metric registration");
+        $r.register(Box::new(m.clone()))
+            .expect("metric registration");
         m
     }};
 }
@@ -206,7 +207,13 @@ impl Metrics {
         };
         let build = reg!(
             m.registry,
-            IntGaugeVec::new(Opts::new("edge_router_build_info", "Always 1; the version label says which build runs."), &["version"])
+            IntGaugeVec::new(
+                Opts::new(
+                    "edge_router_build_info",
+                    "Always 1; the version label says which build runs."
+                ),
+                &["version"]
+            )
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         #[cfg(target_os = "linux")]
@@ -282,7 +289,9 @@ impl ZoneMetrics {
             }
         }
         let [cl, r, z] = &self.labels;
-        self.requests.with_label_values(&[cl.as_str(), r.as_str(), z.as_str(), &code.to_string()]).inc();
+        self.requests
+            .with_label_values(&[cl.as_str(), r.as_str(), z.as_str(), &code.to_string()])
+            .inc();
     }
 }
 
@@ -300,14 +309,24 @@ pub struct EndpointMetrics {
 }
 
 impl EndpointMetrics {
-    pub fn new(m: &Metrics, cluster: &str, region: &str, zone: &str, endpoint: &str) -> EndpointMetrics {
+    pub fn new(
+        m: &Metrics,
+        cluster: &str,
+        region: &str,
+        zone: &str,
+        endpoint: &str,
+    ) -> EndpointMetrics {
         let lv = [cluster, region, zone, endpoint];
         EndpointMetrics {
             healthy: m.upstream_healthy.with_label_values(&lv),
             latency: m.upstream_latency.with_label_values(&lv),
             in_flight: m.upstream_in_flight.with_label_values(&[cluster, endpoint]),
-            probe_ok: m.health_checks.with_label_values(&[cluster, endpoint, "success"]),
-            probe_fail: m.health_checks.with_label_values(&[cluster, endpoint, "failure"]),
+            probe_ok: m
+                .health_checks
+                .with_label_values(&[cluster, endpoint, "success"]),
+            probe_fail: m
+                .health_checks
+                .with_label_values(&[cluster, endpoint, "failure"]),
             probe_duration: m.probe_duration.with_label_values(&[cluster, endpoint]),
             ejections: m.ejections.with_label_values(&[cluster, endpoint]),
             connect_errors: m.connect_errors.with_label_values(&[cluster, endpoint]),
@@ -320,7 +339,9 @@ impl EndpointMetrics {
         let lv = [cluster, region, zone, endpoint];
         let _ = m.upstream_healthy.remove_label_values(&lv);
         let _ = m.upstream_latency.remove_label_values(&lv);
-        let _ = m.upstream_in_flight.remove_label_values(&[cluster, endpoint]);
+        let _ = m
+            .upstream_in_flight
+            .remove_label_values(&[cluster, endpoint]);
     }
 }
 

@@ -44,7 +44,10 @@ static X_EDGE_ROUTE: HeaderName = HeaderName::from_static("x-edge-route");
 
 /// Request body sent upstream: the client's stream (counted), or nothing (for retries).
 pub enum RequestBody {
-    Stream { inner: Incoming, bytes: prometheus::IntCounter },
+    Stream {
+        inner: Incoming,
+        bytes: prometheus::IntCounter,
+    },
     Empty,
 }
 
@@ -52,7 +55,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Stream { inner, bytes } => {
                 let r = Pin::new(inner).poll_frame(cx);
@@ -102,7 +108,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ResponseBody::Upstream { inner, done } => {
                 let r = Pin::new(inner).poll_frame(cx);
@@ -207,12 +216,32 @@ pub async fn handle(
     };
     let host = request_host(&req);
     let Some(route) = table.match_route(host.as_deref(), req.uri().path()) else {
-        state.metrics.errors.with_label_values(&["", "no_route"]).inc();
-        return Ok(error_response(StatusCode::NOT_FOUND, "no_route", "no route matches this host and path", &request_id));
+        state
+            .metrics
+            .errors
+            .with_label_values(&["", "no_route"])
+            .inc();
+        return Ok(error_response(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "no route matches this host and path",
+            &request_id,
+        ));
     };
     let cluster = &table.clusters[route.cluster];
     let timeout = route.timeout;
-    let mut resp = forward(&table, cluster, req, host, client, https, request_id.clone(), started, timeout).await;
+    let mut resp = forward(
+        &table,
+        cluster,
+        req,
+        host,
+        client,
+        https,
+        request_id.clone(),
+        started,
+        timeout,
+    )
+    .await;
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
     Ok(resp)
 }
@@ -233,9 +262,10 @@ async fn forward(
     let cfg = &cluster.config;
     let max_in_flight = cfg.max_requests_per_endpoint;
     let shared = &cluster.runtime.shared;
-    shared
-        .retry_budget
-        .deposit(cfg.retry.budget_ratio, crate::health::budget_cap(cfg.retry.min_retries_per_second));
+    shared.retry_budget.deposit(
+        cfg.retry.budget_ratio,
+        crate::health::budget_cap(cfg.retry.min_retries_per_second),
+    );
 
     let first = match &cfg.affinity {
         crate::config::Affinity::None => balancer::pick(cluster, max_in_flight),
@@ -249,7 +279,11 @@ async fn forward(
         },
     };
     let Some(mut pick) = first else {
-        let kind = if cluster.slices.is_empty() { "no_endpoint" } else { "endpoints_saturated" };
+        let kind = if cluster.slices.is_empty() {
+            "no_endpoint"
+        } else {
+            "endpoints_saturated"
+        };
         cm.error(kind);
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -261,11 +295,29 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     let method = parts.method.clone();
-    let path_for_log = table.config.listener.access_log.then(|| parts.uri.path().to_string());
-    prepare_upstream_headers(&mut parts.headers, client, https, host.as_deref(), &parts.uri, &request_id);
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let path_for_log = table
+        .config
+        .listener
+        .access_log
+        .then(|| parts.uri.path().to_string());
+    prepare_upstream_headers(
+        &mut parts.headers,
+        client,
+        https,
+        host.as_deref(),
+        &parts.uri,
+        &request_id,
+    );
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
     let body_empty = body.is_end_stream();
-    let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
+    let idempotent = matches!(
+        method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    );
     let may_retry = body_empty && cfg.retry.attempts > 0;
     // Kept only when a retry could need them: a retry must resend the same request.
     let saved_headers = may_retry.then(|| parts.headers.clone());
@@ -274,7 +326,11 @@ async fn forward(
         bytes: cm.request_bytes.clone(),
     });
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
-    let version = if cfg.http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let version = if cfg.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     let deadline = started + timeout;
     let mut attempt = 0u32;
     let mut headers = Some(parts.headers);
@@ -285,7 +341,12 @@ async fn forward(
         let uri = match Uri::try_from(format!("{scheme}://{}{}", ep.addr, path_and_query)) {
             Ok(u) => u,
             Err(_) => {
-                return error_response(StatusCode::BAD_REQUEST, "bad_request", "request target is not valid", &request_id)
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "request target is not valid",
+                    &request_id,
+                )
             }
         };
         let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
@@ -298,14 +359,21 @@ async fn forward(
             .unwrap_or_default();
         let in_flight = InFlight::new(ep.clone());
         let sent = Instant::now();
-        let result = tokio::time::timeout_at(deadline.into(), cluster.runtime.client.request(up)).await;
+        let result =
+            tokio::time::timeout_at(deadline.into(), cluster.runtime.client.request(up)).await;
         let failure = match result {
             Ok(Ok(resp)) => {
                 let elapsed = sent.elapsed();
-                ep.latency.observe(elapsed, cluster.latency_decay);
+                ep.observe(elapsed, cluster.decay);
                 let status = resp.status();
                 ep.record_outcome(status.is_server_error(), &cfg.outlier);
-                count_response(&zone.metrics, cm, pick.reason, status.as_u16(), started.elapsed().as_secs_f64());
+                count_response(
+                    &zone.metrics,
+                    cm,
+                    pick.reason,
+                    status.as_u16(),
+                    started.elapsed().as_secs_f64(),
+                );
                 let log = path_for_log.map(|path| AccessLog {
                     method,
                     host: host.unwrap_or_default(),
@@ -320,14 +388,20 @@ async fn forward(
                     request_id: request_id.clone(),
                     client,
                 });
-                let route_header = table.config.listener.route_header.then(|| route_header(zone, &ep.label, pick.reason));
+                let route_header = table
+                    .config
+                    .listener
+                    .route_header
+                    .then(|| route_header(zone, &ep.label, pick.reason));
                 return finish_response(resp, in_flight, cm, log, route_header);
             }
             Err(_) => {
-                ep.latency.observe(timeout, cluster.latency_decay);
+                ep.observe(timeout, cluster.decay);
                 ep.record_outcome(true, &cfg.outlier);
                 zone.metrics.count(504);
-                zone.metrics.duration.observe(started.elapsed().as_secs_f64());
+                zone.metrics
+                    .duration
+                    .observe(started.elapsed().as_secs_f64());
                 cm.error("upstream_timeout");
                 return error_response(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -348,7 +422,11 @@ async fn forward(
         // A failed connect sent nothing, so any method may go again; a reset after sending
         // is retried only for idempotent methods.
         let retryable = may_retry && attempt < cfg.retry.attempts && (connect || idempotent);
-        let kind = if connect { "upstream_connect_error" } else { "upstream_reset" };
+        let kind = if connect {
+            "upstream_connect_error"
+        } else {
+            "upstream_reset"
+        };
         warn!(
             target: "proxy",
             cluster = %cluster.name, endpoint = %ep.label, zone = %zone.zone, error = %detail,
@@ -356,7 +434,8 @@ async fn forward(
         );
         if retryable {
             if shared.retry_budget.withdraw() {
-                if let Some(next) = balancer::pick_other(cluster, &ep, max_in_flight, Reason::Retry) {
+                if let Some(next) = balancer::pick_other(cluster, &ep, max_in_flight, Reason::Retry)
+                {
                     cm.retries.inc();
                     pick = next;
                     attempt += 1;
@@ -367,9 +446,16 @@ async fn forward(
             }
         }
         zone.metrics.count(502);
-        zone.metrics.duration.observe(started.elapsed().as_secs_f64());
+        zone.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         cm.error(kind);
-        return error_response(StatusCode::BAD_GATEWAY, kind, "the upstream request failed", &request_id);
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            kind,
+            "the upstream request failed",
+            &request_id,
+        );
     }
 }
 
@@ -395,7 +481,10 @@ fn finish_response(
     let body = if body.is_end_stream() {
         // Nothing will ever be polled: finish now rather than when hyper drops the body.
         drop(done);
-        ResponseBody::Upstream { inner: body, done: None }
+        ResponseBody::Upstream {
+            inner: body,
+            done: None,
+        }
     } else {
         ResponseBody::Upstream {
             inner: body,
@@ -458,7 +547,9 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
         h.remove(name);
     }
     h.remove(header::UPGRADE);
-    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+    if h.get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
         h.remove(header::TE);
     }
 }
@@ -480,7 +571,10 @@ fn prepare_upstream_headers(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(&X_FORWARDED_FOR, v);
     }
-    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if https { "https" } else { "http" }));
+    h.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
     // The Host header is kept as the client sent it; HTTP/2 clients send :authority instead.
     let original_host = h.get(header::HOST).cloned().or_else(|| {
         uri.authority()
@@ -499,7 +593,12 @@ fn new_request_id() -> HeaderValue {
     let (a, b) = (balancer::random_u64(), balancer::random_u64());
     let mut buf = [0u8; 32];
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in a.to_be_bytes().iter().chain(b.to_be_bytes().iter()).enumerate() {
+    for (i, byte) in a
+        .to_be_bytes()
+        .iter()
+        .chain(b.to_be_bytes().iter())
+        .enumerate()
+    {
         buf[i * 2] = HEX[(byte >> 4) as usize];
         buf[i * 2 + 1] = HEX[(byte & 0xf) as usize];
     }
@@ -507,12 +606,23 @@ fn new_request_id() -> HeaderValue {
 }
 
 /// A response made by the router itself: short text, `x-edge-error` saying why.
-pub fn error_response(status: StatusCode, kind: &'static str, msg: &str, request_id: &HeaderValue) -> Response<ResponseBody> {
-    let mut r = Response::new(ResponseBody::text(&format!("{} {kind}: {msg}\n", status.as_u16())));
+pub fn error_response(
+    status: StatusCode,
+    kind: &'static str,
+    msg: &str,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::text(&format!(
+        "{} {kind}: {msg}\n",
+        status.as_u16()
+    )));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(&X_EDGE_ERROR, HeaderValue::from_static(kind));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     h.insert(&X_REQUEST_ID, request_id.clone());
     r
 }
@@ -525,7 +635,13 @@ impl ClusterMetrics {
 }
 
 /// A served request's metric updates: three atomic adds on handles the table resolved.
-pub fn count_response(zone: &ZoneMetrics, cm: &ClusterMetrics, reason: Reason, code: u16, secs: f64) {
+pub fn count_response(
+    zone: &ZoneMetrics,
+    cm: &ClusterMetrics,
+    reason: Reason,
+    code: u16,
+    secs: f64,
+) {
     cm.decisions[reason as usize].inc();
     zone.count(code);
     zone.duration.observe(secs);

@@ -76,11 +76,16 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
 
     let data_listener = bind(config.listener.address, "listener.address").await?;
     let admin_listener = bind(config.admin.address, "admin.address").await?;
-    let data_addr = data_listener.local_addr().map_err(|e| StartError(format!("listener: {e}")))?;
-    let admin_addr = admin_listener.local_addr().map_err(|e| StartError(format!("admin: {e}")))?;
+    let data_addr = data_listener
+        .local_addr()
+        .map_err(|e| StartError(format!("listener: {e}")))?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|e| StartError(format!("admin: {e}")))?;
     let tls = match &config.listener.tls {
         Some(t) => Some(Arc::new(
-            crate::tls::ReloadableServerTls::new(&tls_pairs(t)).map_err(|e| StartError(format!("listener.tls: {e}")))?,
+            crate::tls::ReloadableServerTls::new(&tls_pairs(t))
+                .map_err(|e| StartError(format!("listener.tls: {e}")))?,
         )),
         None => None,
     };
@@ -112,8 +117,14 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     });
     metrics.table_generation.set(1);
     metrics.table_swaps.inc();
-    metrics.config_reloads.with_label_values(&["success"]).inc_by(0);
-    metrics.config_reloads.with_label_values(&["failure"]).inc_by(0);
+    metrics
+        .config_reloads
+        .with_label_values(&["success"])
+        .inc_by(0);
+    metrics
+        .config_reloads
+        .with_label_values(&["failure"])
+        .inc_by(0);
     metrics.config_last_reload_success.set(unix_now());
     events.push("reload", format!("started with {}", config.summary()));
 
@@ -147,14 +158,19 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, StartError> {
     .map_err(|e| StartError(format!("{key} {addr}: {e}")))?;
     // Lets a restarted router bind while old connections sit in TIME_WAIT.
     let _ = socket.set_reuseaddr(true);
-    socket.bind(addr).map_err(|e| StartError(format!("{key} {addr}: cannot bind: {e}")))?;
+    socket
+        .bind(addr)
+        .map_err(|e| StartError(format!("{key} {addr}: cannot bind: {e}")))?;
     socket
         .listen(4096)
         .map_err(|e| StartError(format!("{key} {addr}: cannot listen: {e}")))
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 impl Router {
@@ -167,7 +183,10 @@ impl Router {
     pub fn reload(&self) -> Result<String, String> {
         let result = self.try_reload();
         let label = if result.is_ok() { "success" } else { "failure" };
-        self.metrics.config_reloads.with_label_values(&[label]).inc();
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
         match &result {
             Ok(msg) => {
                 info!(target: "reload", "{msg}");
@@ -176,7 +195,8 @@ impl Router {
             }
             Err(e) => {
                 error!(target: "reload", "reload failed, keeping the running config: {e}");
-                self.events.push("reload", format!("reload failed, running config kept: {e}"));
+                self.events
+                    .push("reload", format!("reload failed, running config kept: {e}"));
             }
         }
         result
@@ -211,7 +231,8 @@ impl Router {
         // Clients of every cluster are rebuilt by the builder; check them here first so a
         // bad CA file fails the reload instead of a later table build.
         for c in &new.clusters {
-            upstream::connector(c).map_err(|e| format!("{}: cluster {:?}: tls: {e}", new.source, c.name))?;
+            upstream::connector(c)
+                .map_err(|e| format!("{}: cluster {:?}: tls: {e}", new.source, c.name))?;
         }
         let summary = new.summary();
         self.config.store(Arc::new(new));
@@ -228,7 +249,10 @@ impl Router {
     /// Stops accepting, turns /readyz to 503 and lets in-flight requests finish.
     pub fn shutdown(&self) {
         if !self.draining.swap(true, Ordering::SeqCst) {
-            info!("draining: no new connections; in-flight requests get up to {:?}", self.config.load().listener.drain_timeout);
+            info!(
+                "draining: no new connections; in-flight requests get up to {:?}",
+                self.config.load().listener.drain_timeout
+            );
             self.events.push("reload", "draining for shutdown".into());
             let _ = self.shutdown_tx.send(true);
         }
@@ -252,7 +276,10 @@ impl Router {
         if not_ready.is_empty() {
             Ok(())
         } else {
-            Err(format!("no healthy endpoint in cluster(s): {}", not_ready.join(", ")))
+            Err(format!(
+                "no healthy endpoint in cluster(s): {}",
+                not_ready.join(", ")
+            ))
         }
     }
 }
@@ -287,9 +314,16 @@ impl Builder {
         let mut endpoints = Vec::new();
         for c in &config.clusters {
             let runtime = match self.runtimes.remove(&c.name) {
-                Some((old_cfg, rt)) if old_cfg.tls == c.tls && old_cfg.http2 == c.http2 && old_cfg.connect_timeout == c.connect_timeout => rt,
+                Some((old_cfg, rt))
+                    if old_cfg.tls == c.tls
+                        && old_cfg.http2 == c.http2
+                        && old_cfg.connect_timeout == c.connect_timeout =>
+                {
+                    rt
+                }
                 _ => {
-                    let connector = upstream::connector(c).map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
+                    let connector = upstream::connector(c)
+                        .map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
                     Arc::new(ClusterRuntime {
                         shared: self.health.cluster(&c.name),
                         client: upstream::proxy_client(connector, c),
@@ -297,7 +331,8 @@ impl Builder {
                     })
                 }
             };
-            let connector = upstream::connector(c).map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
+            let connector =
+                upstream::connector(c).map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
             let wanted: Vec<Wanted> = c
                 .endpoints
                 .iter()
@@ -308,12 +343,17 @@ impl Builder {
                         zone: e.zone.clone(),
                     }),
                     other => {
-                        warn!("cluster {:?}: endpoint {other}: DNS endpoints are not resolved yet", c.name);
+                        warn!(
+                            "cluster {:?}: endpoint {other}: DNS endpoints are not resolved yet",
+                            c.name
+                        );
                         None
                     }
                 })
                 .collect();
-            let states = self.health.sync_cluster(c, &wanted, &connector, config.routing.latency_decay);
+            let states = self
+                .health
+                .sync_cluster(c, &wanted, &connector, config.routing.decay());
             let weights: HashMap<SocketAddr, u32> = c
                 .endpoints
                 .iter()
@@ -343,7 +383,11 @@ impl Builder {
 
     /// Builds a table for `config` (applying it first if it is new).
     pub fn build(&mut self, generation: u64, config: Arc<Config>) -> Result<Table, String> {
-        if !self.config.as_ref().is_some_and(|c| Arc::ptr_eq(c, &config)) {
+        if !self
+            .config
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &config))
+        {
             self.apply_config(&config)?;
         }
         let inputs = config
@@ -357,9 +401,13 @@ impl Builder {
             })
             .collect();
         let metrics = self.metrics.clone();
-        let t = self
-            .tables
-            .build(generation, config, inputs, &|c, r, z| metrics.zone(c, r, z), Instant::now());
+        let t = self.tables.build(
+            generation,
+            config,
+            inputs,
+            &|c, r, z| metrics.zone(c, r, z),
+            Instant::now(),
+        );
         self.last_fingerprint = fingerprint(&t);
         Ok(t)
     }
@@ -392,7 +440,15 @@ fn rank_order(t: &Table) -> String {
             let zones: Vec<String> = c
                 .zones
                 .iter()
-                .map(|z| format!("{}({}/{}, {:.0}%)", z.zone, z.healthy, z.endpoints.len(), z.share * 100.0))
+                .map(|z| {
+                    format!(
+                        "{}({}/{}, {:.0}%)",
+                        z.zone,
+                        z.healthy,
+                        z.endpoints.len(),
+                        z.share * 100.0
+                    )
+                })
                 .collect();
             format!("{}: {}", c.name, zones.join(" > "))
         })
@@ -434,7 +490,11 @@ async fn builder_loop(router: Arc<Router>, mut builder: Builder) {
             router.metrics.table_swaps.inc();
             for c in &table.clusters {
                 for z in &c.zones {
-                    router.metrics.zone_share.with_label_values(&[&c.name, &z.region, &z.zone]).set(z.share);
+                    router
+                        .metrics
+                        .zone_share
+                        .with_label_values(&[&c.name, &z.region, &z.zone])
+                        .set(z.share);
                 }
             }
             router.proxy.table.store(Arc::new(table));
@@ -447,17 +507,25 @@ async fn builder_loop(router: Arc<Router>, mut builder: Builder) {
         }
         let now = Instant::now();
         if now.duration_since(last_tick) >= tick {
-            router.health.tick(now.duration_since(last_tick), &config.clusters);
+            router
+                .health
+                .tick(now.duration_since(last_tick), &config.clusters);
             last_tick = now;
             let t = router.table();
-            router.metrics.table_age.set(t.built_at.elapsed().as_secs_f64());
+            router
+                .metrics
+                .table_age
+                .set(t.built_at.elapsed().as_secs_f64());
             for c in &t.clusters {
                 for z in &c.zones {
                     for e in &z.endpoints {
                         if let Some(ms) = e.state.latency_ms() {
                             e.state.metrics.latency.set(ms / 1e3);
                         }
-                        e.state.metrics.in_flight.set(e.state.in_flight.load(Ordering::Relaxed) as i64);
+                        e.state
+                            .metrics
+                            .in_flight
+                            .set(e.state.in_flight.load(Ordering::Relaxed) as i64);
                     }
                 }
             }
@@ -465,7 +533,11 @@ async fn builder_loop(router: Arc<Router>, mut builder: Builder) {
     }
 }
 
-async fn serve_data(listener: TcpListener, router: Arc<Router>, tls: Option<Arc<crate::tls::ReloadableServerTls>>) {
+async fn serve_data(
+    listener: TcpListener,
+    router: Arc<Router>,
+    tls: Option<Arc<crate::tls::ReloadableServerTls>>,
+) {
     let cfg = router.config.load_full();
     let l = &cfg.listener;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -501,7 +573,11 @@ async fn serve_data(listener: TcpListener, router: Arc<Router>, tls: Option<Arc<
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             // Over max_connections: close at once rather than queue without bound.
-            router.metrics.errors.with_label_values(&["", "too_many_connections"]).inc();
+            router
+                .metrics
+                .errors
+                .with_label_values(&["", "too_many_connections"])
+                .inc();
             drop(stream);
             continue;
         };

@@ -89,7 +89,7 @@ pub struct ClusterTable<C> {
     pub slices: Vec<Slice>,
     /// No endpoint is healthy anywhere: fail open to the nearest zone's endpoints.
     pub panic: bool,
-    pub latency_decay: Duration,
+    pub decay: crate::health::Decay,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -142,13 +142,20 @@ impl<C> RoutingTable<C> {
 
 /// The latency of a zone: the mean of its available endpoints' averages, or of all its
 /// measured endpoints when none is available (so a dead zone keeps its place in the ranking).
-pub fn zone_latency_ms<'a>(endpoints: impl Iterator<Item = &'a EndpointEntry> + Clone) -> Option<f64> {
+pub fn zone_latency_ms<'a>(
+    endpoints: impl Iterator<Item = &'a EndpointEntry> + Clone,
+) -> Option<f64> {
     let mean = |it: &mut dyn Iterator<Item = f64>| {
         let (n, sum) = it.fold((0usize, 0.0), |(n, s), v| (n + 1, s + v));
         (n > 0).then(|| sum / n as f64)
     };
-    mean(&mut endpoints.clone().filter(|e| e.state.is_available()).filter_map(|e| e.state.latency_ms()))
-        .or_else(|| mean(&mut endpoints.filter_map(|e| e.state.latency_ms())))
+    mean(
+        &mut endpoints
+            .clone()
+            .filter(|e| e.state.is_available())
+            .filter_map(|e| e.state.latency_ms()),
+    )
+    .or_else(|| mean(&mut endpoints.filter_map(|e| e.state.latency_ms())))
 }
 
 /// Input for one cluster.
@@ -187,18 +194,24 @@ impl TableBuilder {
             .map(|r| RouteEntry {
                 host: r.host.clone(),
                 path_prefix: r.path_prefix.clone(),
-                cluster: inputs.iter().position(|c| c.config.name == r.cluster).unwrap_or(0),
+                cluster: inputs
+                    .iter()
+                    .position(|c| c.config.name == r.cluster)
+                    .unwrap_or(0),
                 timeout: r.timeout,
-                hedge: r
-                    .hedge
-                    .unwrap_or_else(|| inputs.iter().any(|c| c.config.name == r.cluster && c.config.hedge.enabled)),
+                hedge: r.hedge.unwrap_or_else(|| {
+                    inputs
+                        .iter()
+                        .any(|c| c.config.name == r.cluster && c.config.hedge.enabled)
+                }),
             })
             .collect();
         let clusters = inputs
             .into_iter()
             .map(|input| self.build_cluster(&config, input, zone_metrics, now))
             .collect();
-        self.order.retain(|name, _| config.clusters.iter().any(|c| &c.name == name));
+        self.order
+            .retain(|name, _| config.clusters.iter().any(|c| &c.name == name));
         RoutingTable {
             generation,
             built_at: now,
@@ -235,15 +248,25 @@ impl TableBuilder {
             .map(|k| (k.clone(), zone_latency_ms(groups[k].iter())))
             .collect();
 
-        let order = self.rank(&cc.name, &keys, &latency, &config.locality, &config.routing, now);
+        let order = self.rank(
+            &cc.name,
+            &keys,
+            &latency,
+            &config.locality,
+            &config.routing,
+            now,
+        );
 
         let mut zones: Vec<ZoneTable> = order
             .iter()
             .enumerate()
             .map(|(rank, key)| {
                 let endpoints = groups.remove(key).unwrap_or_default();
-                let candidates: Vec<EndpointEntry> =
-                    endpoints.iter().filter(|e| e.weight > 0 && e.state.is_available()).cloned().collect();
+                let candidates: Vec<EndpointEntry> = endpoints
+                    .iter()
+                    .filter(|e| e.weight > 0 && e.state.is_available())
+                    .cloned()
+                    .collect();
                 let dial = cc.traffic_dial.get(&*key.0).copied().unwrap_or(100);
                 ZoneTable {
                     region: key.0.clone(),
@@ -277,7 +300,12 @@ impl TableBuilder {
             // Fail open: nothing is known healthy, so try the nearest zone's endpoints and
             // let retries move on to the next zone.
             for z in zones.iter_mut() {
-                z.candidates = z.endpoints.iter().filter(|e| e.weight > 0).cloned().collect();
+                z.candidates = z
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.weight > 0)
+                    .cloned()
+                    .collect();
             }
             match zones.iter().position(|z| !z.candidates.is_empty()) {
                 Some(i) => vec![Slice {
@@ -311,7 +339,7 @@ impl TableBuilder {
         }
         ClusterTable {
             name: Arc::from(cc.name.as_str()),
-            latency_decay: config.routing.latency_decay,
+            decay: config.routing.decay(),
             config: cc,
             runtime,
             zones,
@@ -344,7 +372,11 @@ impl TableBuilder {
         let prev = self.order.get(cluster).cloned().unwrap_or_default();
         let mut order: Vec<ZoneKey> = prev.iter().filter(|k| keys.contains(k)).cloned().collect();
         // Newcomers take their place by latency (then locality) without hysteresis.
-        let mut fresh: Vec<ZoneKey> = keys.iter().filter(|k| !order.contains(k)).cloned().collect();
+        let mut fresh: Vec<ZoneKey> = keys
+            .iter()
+            .filter(|k| !order.contains(k))
+            .cloned()
+            .collect();
         fresh.sort_by(|a, b| {
             let la = latency[a].unwrap_or(f64::INFINITY);
             let lb = latency[b].unwrap_or(f64::INFINITY);
@@ -459,7 +491,13 @@ fn distribute(zones: &[ZoneTable], health: &[f64], cc: &ClusterConfig) -> Vec<Sl
     let mut headroom: Vec<f64> = zones
         .iter()
         .enumerate()
-        .map(|(i, z)| if z.dial == 100 { (health[i] / total).min(1.0) - load[i] } else { 0.0 })
+        .map(|(i, z)| {
+            if z.dial == 100 {
+                (health[i] / total).min(1.0) - load[i]
+            } else {
+                0.0
+            }
+        })
         .collect();
     for (from, mut amount, original) in excess {
         for (j, room) in headroom.iter_mut().enumerate() {
@@ -486,7 +524,11 @@ fn distribute(zones: &[ZoneTable], health: &[f64], cc: &ClusterConfig) -> Vec<Sl
         acc += amount;
         match slices.last_mut() {
             Some(s) if s.zone == zone && s.reason == reason => s.upto = acc,
-            _ => slices.push(Slice { zone, upto: acc, reason }),
+            _ => slices.push(Slice {
+                zone,
+                upto: acc,
+                reason,
+            }),
         }
     }
     slices
@@ -519,6 +561,10 @@ cluster = "api"
         parse("t.toml", &text, &|_| None).expect("valid")
     }
 
+    fn cfg_decay() -> crate::health::Decay {
+        config("").routing.decay()
+    }
+
     struct Fixture {
         metrics: Metrics,
         endpoints: Vec<Arc<EndpointState>>,
@@ -533,9 +579,15 @@ cluster = "api"
             for (region, zone, n, ms) in zones {
                 for _ in 0..*n {
                     port += 1;
-                    let e = EndpointState::detached("api", ([127, 0, 0, 1], port).into(), region, zone, &metrics);
+                    let e = EndpointState::detached(
+                        "api",
+                        ([127, 0, 0, 1], port).into(),
+                        region,
+                        zone,
+                        &metrics,
+                    );
                     e.force_status(Status::Healthy);
-                    e.latency.observe(Duration::from_secs_f64(ms / 1000.0), Duration::from_secs(5));
+                    e.observe(Duration::from_secs_f64(ms / 1000.0), cfg_decay());
                     endpoints.push(e);
                 }
             }
@@ -562,19 +614,30 @@ cluster = "api"
                     })
                     .collect(),
             };
-            b.build(1, Arc::new(cfg.clone()), vec![input], &|c, r, z| self.metrics.zone(c, r, z), now)
+            b.build(
+                1,
+                Arc::new(cfg.clone()),
+                vec![input],
+                &|c, r, z| self.metrics.zone(c, r, z),
+                now,
+            )
         }
 
         fn set_latency(&self, zone: &str, ms: f64) {
             for e in self.endpoints.iter().filter(|e| &*e.zone == zone) {
                 e.latency.reset_for_test();
-                e.latency.observe(Duration::from_secs_f64(ms / 1000.0), Duration::from_secs(5));
+                e.smoothed.reset_for_test();
+                e.observe(Duration::from_secs_f64(ms / 1000.0), cfg_decay());
             }
         }
     }
 
     fn order(t: &RoutingTable<()>) -> Vec<String> {
-        t.clusters[0].zones.iter().map(|z| z.zone.to_string()).collect()
+        t.clusters[0]
+            .zones
+            .iter()
+            .map(|z| z.zone.to_string())
+            .collect()
     }
 
     fn shares(t: &RoutingTable<()>) -> Vec<(String, f64)> {
@@ -587,10 +650,21 @@ cluster = "api"
 
     #[test]
     fn ranks_nearest_first_and_sends_all_traffic_there() {
-        let f = Fixture::new(&[("r2", "far", 2, 80.0), ("r1", "b", 2, 8.0), ("r1", "a", 2, 1.0)]);
+        let f = Fixture::new(&[
+            ("r2", "far", 2, 80.0),
+            ("r1", "b", 2, 8.0),
+            ("r1", "a", 2, 1.0),
+        ]);
         let t = f.build(&mut TableBuilder::new(), &config(""), Instant::now());
         assert_eq!(order(&t), ["a", "b", "far"]);
-        assert_eq!(t.clusters[0].slices, vec![Slice { zone: 0, upto: 1.0, reason: Reason::Nearest }]);
+        assert_eq!(
+            t.clusters[0].slices,
+            vec![Slice {
+                zone: 0,
+                upto: 1.0,
+                reason: Reason::Nearest
+            }]
+        );
     }
 
     #[test]
@@ -602,16 +676,28 @@ cluster = "api"
         assert_eq!(order(&f.build(&mut b, &cfg, t0)), ["a", "b"]);
         // b becomes 5% faster: inside the 10% margin, no change however long it lasts.
         f.set_latency("b", 9.5);
-        assert_eq!(order(&f.build(&mut b, &cfg, t0 + Duration::from_secs(5))), ["a", "b"]);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t0 + Duration::from_secs(5))),
+            ["a", "b"]
+        );
         // b becomes 20% faster: it must hold that lead for rank_hold (1 s) first.
         f.set_latency("b", 8.0);
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(order(&f.build(&mut b, &cfg, t1)), ["a", "b"]);
-        assert_eq!(order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(500))), ["a", "b"]);
-        assert_eq!(order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1100))), ["b", "a"]);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(500))),
+            ["a", "b"]
+        );
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1100))),
+            ["b", "a"]
+        );
         // a becomes twice as fast as b: it passes at once.
         f.set_latency("a", 3.0);
-        assert_eq!(order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1200))), ["a", "b"]);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1200))),
+            ["a", "b"]
+        );
     }
 
     #[test]
@@ -639,7 +725,11 @@ cluster = "api"
     fn dial_caps_a_region_and_falls_back_when_alone() {
         let f = Fixture::new(&[("r1", "a", 2, 1.0), ("r2", "b", 2, 8.0)]);
         let mut b = TableBuilder::new();
-        let t = f.build(&mut b, &config("traffic_dial = { r1 = 30 }"), Instant::now());
+        let t = f.build(
+            &mut b,
+            &config("traffic_dial = { r1 = 30 }"),
+            Instant::now(),
+        );
         assert_eq!(shares(&t), [("a".into(), 0.3), ("b".into(), 0.7)]);
         assert_eq!(t.clusters[0].slices[1].reason, Reason::Dial);
         for e in f.endpoints.iter().filter(|e| &*e.zone == "b") {
@@ -658,7 +748,14 @@ cluster = "api"
         let t = f.build(&mut TableBuilder::new(), &config(""), Instant::now());
         let c = &t.clusters[0];
         assert!(c.panic);
-        assert_eq!(c.slices, vec![Slice { zone: 0, upto: 1.0, reason: Reason::Panic }]);
+        assert_eq!(
+            c.slices,
+            vec![Slice {
+                zone: 0,
+                upto: 1.0,
+                reason: Reason::Panic
+            }]
+        );
         assert_eq!(c.zones[0].candidates.len(), 2);
     }
 }

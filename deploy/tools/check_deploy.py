@@ -361,13 +361,13 @@ def cmd_prom_fallback(src: str, dst: str) -> None:
 
 def cmd_extract_toml(manifest: str, out_dir: str) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for d in yaml.safe_load_all(Path(manifest).read_text()):
-        if d and d["kind"] == "ConfigMap":
-            for k, v in d.get("data", {}).items():
-                if k.endswith(".toml"):
-                    p = Path(out_dir) / f"{Path(manifest).stem}-{d['metadata']['name']}-{k}"
-                    p.write_text(v)
-                    print(p)
+    found = [(d["metadata"]["name"], k, v) for d in yaml.safe_load_all(Path(manifest).read_text())
+             if d and d["kind"] == "ConfigMap" for k, v in d.get("data", {}).items() if k.endswith(".toml")]
+    for name, k, v in found:
+        stem = Path(manifest).stem
+        p = Path(out_dir) / (f"{stem}.toml" if len(found) == 1 else f"{stem}-{name}-{k}")
+        p.write_text(v)
+        print(p)
 
 
 def main(argv: list[str]) -> int:
