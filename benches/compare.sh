@@ -453,7 +453,7 @@ SINCE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 MODEL=$(awk -F: '/^model name/ {sub(/^ +/, "", $2); print $2; exit}' /proc/cpuinfo)
 VERSIONS="$(nginx -v 2>&1 | sed 's/.*version: //'), $(haproxy -v 2>/dev/null | awk 'NR==1 {print "HAProxy " $3}'), $(wrk -v 2>&1 | awk 'NR==1 {print "wrk " $2}')"
-[ "$EDGE_ON" = 1 ] && VERSIONS+=", $("$EDGE_ROUTER" --version 2>/dev/null | head -1)"
+[ "$EDGE_ON" = 1 ] && VERSIONS+=", $(timeout 5 "$EDGE_ROUTER" --version 2>/dev/null | head -1)"
 mkdir -p "$ROOT/target/bench-compare"
 [ -n "$RESULTS" ] || RESULTS="$ROOT/target/bench-compare/$MODE-$(date +%Y%m%d-%H%M%S).md"
 mkdir -p "$(dirname "$RESULTS")"

@@ -114,7 +114,7 @@ pub struct ZoneTable {
     pub share: f64,
     pub dial: u8,
     pub latency_ms: Option<f64>,
-    pub metrics: ZoneMetrics,
+    pub metrics: Arc<ZoneMetrics>,
 }
 
 #[derive(Clone)]
@@ -173,6 +173,8 @@ pub struct TableBuilder {
     order: HashMap<String, Vec<ZoneKey>>,
     /// (challenger, incumbent) -> since when the challenger has been clearly faster.
     challenges: HashMap<(ZoneKey, ZoneKey), Instant>,
+    /// Metric handles by (cluster, zone): resolving labels is most of a small rebuild's cost.
+    zone_metrics: HashMap<(String, ZoneKey), Arc<ZoneMetrics>>,
 }
 
 impl TableBuilder {
@@ -279,7 +281,11 @@ impl TableBuilder {
                     share: 0.0,
                     dial,
                     latency_ms: latency.get(key).copied().flatten(),
-                    metrics: zone_metrics(&cc.name, &key.0, &key.1),
+                    metrics: self
+                        .zone_metrics
+                        .entry((cc.name.clone(), key.clone()))
+                        .or_insert_with(|| Arc::new(zone_metrics(&cc.name, &key.0, &key.1)))
+                        .clone(),
                 }
             })
             .collect();
