@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod conn;
 pub mod demo;
 pub mod discovery;
 pub mod health;

@@ -12,12 +12,12 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, EndpointAddress};
+use crate::conn;
 use crate::health::{Events, Health, Wanted};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::{self, ProxyState, Table, UpstreamClient};
@@ -541,10 +541,13 @@ async fn serve_data(
     let cfg = router.config.load_full();
     let l = &cfg.listener;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own HTTP/1 header timer would also close every idle keep-alive connection at
+    // the header timeout and never covers a connection's first bytes: crate::conn keeps
+    // both timers instead.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(l.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(l.max_header_bytes)
         .keep_alive(true);
     builder
@@ -554,10 +557,11 @@ async fn serve_data(
         .max_header_list_size(l.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    let limit = Arc::new(Semaphore::new(l.max_connections));
-    let graceful = GracefulShutdown::new();
+    let max = l.max_connections;
+    let limit = Arc::new(Semaphore::new(max));
+    let (signal_tx, _) = watch::channel(conn::Signal::Run);
     let mut shutdown = router.shutdown_tx.subscribe();
-    let idle_timeout = l.idle_timeout;
+    let timeouts = (l.header_read_timeout, l.idle_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -588,18 +592,34 @@ async fn serve_data(
         let metrics = router.metrics.clone();
         let builder = builder.clone();
         let tls = tls.clone();
-        let watcher = graceful.watcher();
+        let signal = signal_tx.subscribe();
         tokio::spawn(async move {
-            serve_connection(stream, peer, state, builder, tls, watcher, idle_timeout).await;
+            let end = serve_connection(stream, peer, state, builder, tls, signal, timeouts).await;
+            if end == conn::End::SlowHead {
+                metrics
+                    .errors
+                    .with_label_values(&["", "header_timeout"])
+                    .inc();
+                tracing::debug!(%peer, "request headers too slow: connection closed");
+            }
             metrics.connections_active.dec();
             drop(permit);
         });
     }
     drop(listener);
+    let _ = signal_tx.send(conn::Signal::Drain);
     let drain = router.config.load().listener.drain_timeout;
-    tokio::select! {
-        _ = graceful.shutdown() => info!("drained: all connections closed"),
-        _ = tokio::time::sleep(drain) => warn!("drain timeout ({drain:?}) reached; closing remaining connections"),
+    // Every connection holds a permit until it ends: all of them back means all drained.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(drain, limit.acquire_many(all)).await;
+    match drained {
+        Ok(_) => info!("drained: all connections closed"),
+        Err(_) => {
+            warn!("drain timeout ({drain:?}) reached; closing remaining connections");
+            let _ = signal_tx.send(conn::Signal::Close);
+            // Give the connection tasks a moment to close their sockets.
+            let _ = tokio::time::timeout(Duration::from_secs(1), limit.acquire_many(all)).await;
+        }
     }
 }
 
@@ -609,26 +629,43 @@ async fn serve_connection(
     state: Arc<ProxyState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<Arc<crate::tls::ReloadableServerTls>>,
-    watcher: hyper_util::server::graceful::Watcher,
-    _idle_timeout: Duration,
-) {
+    signal: watch::Receiver<conn::Signal>,
+    (header_timeout, idle_timeout): (Duration, Duration),
+) -> conn::End {
     let https = tls.is_some();
-    let svc = service_fn(move |req| proxy::handle(state.clone(), req, peer, https));
+    let activity = conn::Activity::new();
+    let act = activity.clone();
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let guard = act.begin(req.version());
+        let fut = proxy::handle(state.clone(), req, peer, https);
+        async move {
+            let resp = fut.await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))
+        }
+    });
     match tls {
         None => {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            let _ = watcher.watch(conn.into_owned()).await;
+            let io = TokioIo::new(conn::Tracked::new(stream, activity.clone()));
+            let c = builder.serve_connection_with_upgrades(io, svc);
+            conn::drive(c, activity, signal, header_timeout, idle_timeout).await
         }
         Some(tls) => {
             let acceptor = tls.acceptor();
             // The handshake is bounded like a slow header: a client that stalls is cut off.
-            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(s), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
+                    let io = TokioIo::new(conn::Tracked::new(s, activity.clone()));
+                    let c = builder.serve_connection_with_upgrades(io, svc);
+                    conn::drive(c, activity, signal, header_timeout, idle_timeout).await
                 }
-                Ok(Err(e)) => tracing::debug!(%peer, "tls handshake failed: {e}"),
-                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "tls handshake failed: {e}");
+                    conn::End::Closed
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "tls handshake timed out");
+                    conn::End::SlowHead
+                }
             }
         }
     }
