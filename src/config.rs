@@ -41,8 +41,17 @@ pub struct Config {
     pub admin: AdminConfig,
     pub locality: Locality,
     pub routing: RoutingConfig,
+    pub dns: DnsConfig,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// How DNS-named endpoints are resolved (`[dns]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Ask only this nameserver (UDP), without /etc/hosts; `None`: the system resolver
+    /// (/etc/resolv.conf and /etc/hosts). For tests and split-horizon setups.
+    pub nameserver: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +136,10 @@ pub struct ClusterConfig {
     pub affinity: Affinity,
     pub tls: Option<UpstreamTls>,
     pub http2: bool,
+    /// Bounds on how long a DNS answer for this cluster's named endpoints is used before
+    /// the name is resolved again (the record's TTL, clamped to these).
+    pub dns_min_ttl: Duration,
+    pub dns_max_ttl: Duration,
     pub connect_timeout: Duration,
     pub max_requests_per_endpoint: u32,
     pub overprovisioning_factor: f64,
@@ -227,6 +240,7 @@ mod raw {
         pub admin: Option<Admin>,
         pub locality: Option<Locality>,
         pub routing: Option<Routing>,
+        pub dns: Option<Dns>,
         #[serde(default)]
         pub cluster: Vec<Cluster>,
         #[serde(default)]
@@ -287,6 +301,12 @@ mod raw {
         pub rank_decay: Option<String>,
     }
 
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dns {
+        pub nameserver: Option<String>,
+    }
+
     #[derive(Deserialize)]
     #[serde(untagged)]
     pub enum Affinity {
@@ -311,6 +331,8 @@ mod raw {
         pub affinity: Option<Affinity>,
         pub tls: Option<UpstreamTls>,
         pub http2: Option<bool>,
+        pub dns_min_ttl: Option<String>,
+        pub dns_max_ttl: Option<String>,
         pub connect_timeout: Option<String>,
         pub max_requests_per_endpoint: Option<i64>,
         pub overprovisioning_factor: Option<f64>,
@@ -766,6 +788,22 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
         )?,
     };
 
+    let dns = DnsConfig {
+        nameserver: match raw.dns.unwrap_or_default().nameserver {
+            None => None,
+            Some(ns) => Some(match parse_endpoint_address(&ns) {
+                Ok(EndpointAddress::Ip(sa)) => sa,
+                Ok(_) => {
+                    return Err(v.err(
+                        "dns.nameserver",
+                        format!("{ns:?} must be an IP address with port, like \"10.0.0.10:53\""),
+                    ))
+                }
+                Err(p) => return Err(v.err("dns.nameserver", p)),
+            }),
+        },
+    };
+
     if raw.cluster.is_empty() {
         return Err(v.err("cluster", "at least one [[cluster]] is needed"));
     }
@@ -844,6 +882,7 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
         admin,
         locality,
         routing,
+        dns,
         clusters,
         routes,
     })
@@ -856,29 +895,30 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         let pct = v.int(&key, Some(pct), 100, 0, 100)?;
         traffic_dial.insert(region, pct as u8);
     }
-    let affinity =
-        match c.affinity {
-            None => Affinity::None,
-            Some(raw::Affinity::Name(n)) => match n.as_str() {
-                "none" => Affinity::None,
-                "source_ip" => Affinity::SourceIp,
-                other => return Err(v.err(
+    let affinity = match c.affinity {
+        None => Affinity::None,
+        Some(raw::Affinity::Name(n)) => match n.as_str() {
+            "none" => Affinity::None,
+            "source_ip" => Affinity::SourceIp,
+            other => {
+                return Err(v.err(
                     format!("{p}: affinity"),
                     format!(
                         "{other:?} is not one of \"none\", \"source_ip\" or {{ header = \"...\" }}"
                     ),
-                )),
-            },
-            Some(raw::Affinity::Header { header }) => {
-                let h = http::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
-                    v.err(
-                        format!("{p}: affinity.header"),
-                        format!("{header:?} is not a valid header name"),
-                    )
-                })?;
-                Affinity::Header(h)
+                ))
             }
-        };
+        },
+        Some(raw::Affinity::Header { header }) => {
+            let h = http::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+                v.err(
+                    format!("{p}: affinity.header"),
+                    format!("{header:?} is not a valid header name"),
+                )
+            })?;
+            Affinity::Header(h)
+        }
+    };
     let tls = c.tls.map(|t| UpstreamTls {
         sni: t.sni,
         ca: t.ca.map(PathBuf::from),
@@ -1045,6 +1085,23 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         }
     }
 
+    let dns_min_ttl = v.positive_duration(
+        &format!("{p}: dns_min_ttl"),
+        c.dns_min_ttl.as_ref(),
+        Duration::from_secs(1),
+    )?;
+    let dns_max_ttl = v.positive_duration(
+        &format!("{p}: dns_max_ttl"),
+        c.dns_max_ttl.as_ref(),
+        Duration::from_secs(300),
+    )?;
+    if dns_max_ttl < dns_min_ttl {
+        return Err(v.err(
+            format!("{p}: dns_max_ttl"),
+            "must not be less than dns_min_ttl",
+        ));
+    }
+
     Ok(ClusterConfig {
         name: c.name,
         traffic_dial,
@@ -1052,6 +1109,8 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         affinity,
         tls,
         http2: c.http2.unwrap_or(false),
+        dns_min_ttl,
+        dns_max_ttl,
         connect_timeout: v.positive_duration(
             &format!("{p}: connect_timeout"),
             c.connect_timeout.as_ref(),
