@@ -1258,4 +1258,38 @@ cluster = "api"
             "z1"
         );
     }
+
+    #[test]
+    fn dns_keys() {
+        let c = parse("edge.toml", GOOD, &no_env).expect("valid");
+        assert_eq!(c.dns.nameserver, None);
+        assert_eq!(c.clusters[0].dns_min_ttl, Duration::from_secs(1));
+        assert_eq!(c.clusters[0].dns_max_ttl, Duration::from_secs(300));
+        let text = GOOD
+            .replace(
+                "[[cluster]]\nname = \"api\"",
+                "[dns]\nnameserver = \"127.0.0.1:5353\"\n[[cluster]]\nname = \"api\"\ndns_min_ttl = \"200ms\"\ndns_max_ttl = \"30s\"",
+            )
+            .replace("127.0.0.1:9001", "api.default.svc.cluster.local:8080");
+        let c = parse("edge.toml", &text, &no_env).expect("valid");
+        assert_eq!(c.dns.nameserver, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(c.clusters[0].dns_min_ttl, Duration::from_millis(200));
+        assert_eq!(c.clusters[0].dns_max_ttl, Duration::from_secs(30));
+        assert_eq!(
+            c.clusters[0].endpoints[0].address,
+            EndpointAddress::Dns {
+                host: "api.default.svc.cluster.local".into(),
+                port: 8080
+            }
+        );
+        let e = parse_err(&text.replace("\"30s\"", "\"100ms\""));
+        assert_eq!(
+            e,
+            "edge.toml: cluster \"api\": dns_max_ttl: must not be less than dns_min_ttl"
+        );
+        let e = parse_err(&text.replace("127.0.0.1:5353", "dns.local:53"));
+        assert!(e.starts_with("edge.toml: dns.nameserver: "), "{e}");
+        let e = parse_err(&text.replace("127.0.0.1:5353", "127.0.0.1"));
+        assert!(e.contains("missing port"), "{e}");
+    }
 }
