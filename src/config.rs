@@ -41,8 +41,17 @@ pub struct Config {
     pub admin: AdminConfig,
     pub locality: Locality,
     pub routing: RoutingConfig,
+    pub dns: DnsConfig,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// How DNS-named endpoints are resolved (`[dns]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Ask only this nameserver (UDP), without /etc/hosts; `None`: the system resolver
+    /// (/etc/resolv.conf and /etc/hosts). For tests and split-horizon setups.
+    pub nameserver: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +136,10 @@ pub struct ClusterConfig {
     pub affinity: Affinity,
     pub tls: Option<UpstreamTls>,
     pub http2: bool,
+    /// Bounds on how long a DNS answer for this cluster's named endpoints is used before
+    /// the name is resolved again (the record's TTL, clamped to these).
+    pub dns_min_ttl: Duration,
+    pub dns_max_ttl: Duration,
     pub connect_timeout: Duration,
     pub max_requests_per_endpoint: u32,
     pub overprovisioning_factor: f64,
@@ -227,6 +240,7 @@ mod raw {
         pub admin: Option<Admin>,
         pub locality: Option<Locality>,
         pub routing: Option<Routing>,
+        pub dns: Option<Dns>,
         #[serde(default)]
         pub cluster: Vec<Cluster>,
         #[serde(default)]
@@ -287,6 +301,12 @@ mod raw {
         pub rank_decay: Option<String>,
     }
 
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dns {
+        pub nameserver: Option<String>,
+    }
+
     #[derive(Deserialize)]
     #[serde(untagged)]
     pub enum Affinity {
@@ -311,6 +331,8 @@ mod raw {
         pub affinity: Option<Affinity>,
         pub tls: Option<UpstreamTls>,
         pub http2: Option<bool>,
+        pub dns_min_ttl: Option<String>,
+        pub dns_max_ttl: Option<String>,
         pub connect_timeout: Option<String>,
         pub max_requests_per_endpoint: Option<i64>,
         pub overprovisioning_factor: Option<f64>,
@@ -766,6 +788,22 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
         )?,
     };
 
+    let dns = DnsConfig {
+        nameserver: match raw.dns.unwrap_or_default().nameserver {
+            None => None,
+            Some(ns) => Some(match parse_endpoint_address(&ns) {
+                Ok(EndpointAddress::Ip(sa)) => sa,
+                Ok(_) => {
+                    return Err(v.err(
+                        "dns.nameserver",
+                        format!("{ns:?} must be an IP address with port, like \"10.0.0.10:53\""),
+                    ))
+                }
+                Err(p) => return Err(v.err("dns.nameserver", p)),
+            }),
+        },
+    };
+
     if raw.cluster.is_empty() {
         return Err(v.err("cluster", "at least one [[cluster]] is needed"));
     }
@@ -844,6 +882,7 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
         admin,
         locality,
         routing,
+        dns,
         clusters,
         routes,
     })
@@ -1046,6 +1085,23 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         }
     }
 
+    let dns_min_ttl = v.positive_duration(
+        &format!("{p}: dns_min_ttl"),
+        c.dns_min_ttl.as_ref(),
+        Duration::from_secs(1),
+    )?;
+    let dns_max_ttl = v.positive_duration(
+        &format!("{p}: dns_max_ttl"),
+        c.dns_max_ttl.as_ref(),
+        Duration::from_secs(300),
+    )?;
+    if dns_max_ttl < dns_min_ttl {
+        return Err(v.err(
+            format!("{p}: dns_max_ttl"),
+            "must not be less than dns_min_ttl",
+        ));
+    }
+
     Ok(ClusterConfig {
         name: c.name,
         traffic_dial,
@@ -1053,6 +1109,8 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         affinity,
         tls,
         http2: c.http2.unwrap_or(false),
+        dns_min_ttl,
+        dns_max_ttl,
         connect_timeout: v.positive_duration(
             &format!("{p}: connect_timeout"),
             c.connect_timeout.as_ref(),
@@ -1199,5 +1257,39 @@ cluster = "api"
                 .zone,
             "z1"
         );
+    }
+
+    #[test]
+    fn dns_keys() {
+        let c = parse("edge.toml", GOOD, &no_env).expect("valid");
+        assert_eq!(c.dns.nameserver, None);
+        assert_eq!(c.clusters[0].dns_min_ttl, Duration::from_secs(1));
+        assert_eq!(c.clusters[0].dns_max_ttl, Duration::from_secs(300));
+        let text = GOOD
+            .replace(
+                "[[cluster]]\nname = \"api\"",
+                "[dns]\nnameserver = \"127.0.0.1:5353\"\n[[cluster]]\nname = \"api\"\ndns_min_ttl = \"200ms\"\ndns_max_ttl = \"30s\"",
+            )
+            .replace("127.0.0.1:9001", "api.default.svc.cluster.local:8080");
+        let c = parse("edge.toml", &text, &no_env).expect("valid");
+        assert_eq!(c.dns.nameserver, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(c.clusters[0].dns_min_ttl, Duration::from_millis(200));
+        assert_eq!(c.clusters[0].dns_max_ttl, Duration::from_secs(30));
+        assert_eq!(
+            c.clusters[0].endpoints[0].address,
+            EndpointAddress::Dns {
+                host: "api.default.svc.cluster.local".into(),
+                port: 8080
+            }
+        );
+        let e = parse_err(&text.replace("\"30s\"", "\"100ms\""));
+        assert_eq!(
+            e,
+            "edge.toml: cluster \"api\": dns_max_ttl: must not be less than dns_min_ttl"
+        );
+        let e = parse_err(&text.replace("127.0.0.1:5353", "dns.local:53"));
+        assert!(e.starts_with("edge.toml: dns.nameserver: "), "{e}");
+        let e = parse_err(&text.replace("127.0.0.1:5353", "127.0.0.1"));
+        assert!(e.contains("missing port"), "{e}");
     }
 }

@@ -99,8 +99,9 @@ impl Discovery {
         }))
     }
 
-    /// Resolver asking one UDP nameserver and nothing else (no hosts file); for tests.
-    /// Short timeout and a single attempt so failures show up quickly.
+    /// Resolver asking one UDP nameserver and nothing else (no hosts file): config
+    /// `[dns] nameserver`, for tests and split-horizon setups. Short timeout and a single
+    /// attempt so failures show up quickly; the watch loop retries with back-off.
     pub fn with_nameserver(addr: SocketAddr) -> Discovery {
         let mut config = ResolverConfig::new();
         config.add_name_server(NameServerConfig::new(addr, Protocol::Udp));

@@ -794,7 +794,7 @@ async fn probe_http(
         Err(_) => Err(ProbeError::Timeout),
         Ok(Err(e)) => Err(ProbeError::Failed(format!(
             "probe failed: {}",
-            upstream::error_chain(&e)
+            upstream::describe_failure(&e)
         ))),
         Ok(Ok(resp)) if resp.status().is_success() => {
             // Drain the (small) body so the connection returns to the pool.

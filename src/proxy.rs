@@ -230,6 +230,22 @@ pub async fn handle(
     };
     let cluster = &table.clusters[route.cluster];
     let timeout = route.timeout;
+    if is_upgrade(&req) {
+        let mut resp = forward_upgrade(
+            &table,
+            cluster,
+            req,
+            host,
+            client,
+            https,
+            &request_id,
+            started,
+            timeout,
+        )
+        .await;
+        resp.headers_mut().insert(&X_REQUEST_ID, request_id);
+        return Ok(resp);
+    }
     let mut resp = forward(
         &table,
         cluster,
@@ -414,7 +430,7 @@ async fn forward(
         };
         drop(in_flight);
         let connect = failure.is_connect();
-        let detail = upstream::error_chain(&failure);
+        let detail = upstream::describe_failure(&failure);
         if connect {
             ep.metrics.connect_errors.inc();
         }
@@ -422,11 +438,7 @@ async fn forward(
         // A failed connect sent nothing, so any method may go again; a reset after sending
         // is retried only for idempotent methods.
         let retryable = may_retry && attempt < cfg.retry.attempts && (connect || idempotent);
-        let kind = if connect {
-            "upstream_connect_error"
-        } else {
-            "upstream_reset"
-        };
+        let kind = failure_kind(&failure);
         warn!(
             target: "proxy",
             cluster = %cluster.name, endpoint = %ep.label, zone = %zone.zone, error = %detail,
@@ -654,4 +666,294 @@ pub fn in_flight_total(t: &Table) -> u64 {
         .flat_map(|z| z.endpoints.iter())
         .map(|e| e.state.in_flight.load(Ordering::Relaxed) as u64)
         .sum()
+}
+
+/// An HTTP/1.1 request asking to switch protocols (WebSocket and the like): an `Upgrade`
+/// header and `upgrade` among the Connection options. One header lookup on the normal path.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req.version() == Version::HTTP_11
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Forwards an Upgrade request: picked like any request (nearest healthy zone, p2c, or
+/// affinity), sent over HTTP/1.1 with `Connection: upgrade` and the client's `Upgrade`
+/// header. On `101 Switching Protocols` both connections are handed over to a task that
+/// copies bytes both ways until either side closes. Counted as one request (code 101);
+/// the endpoint's in-flight mark ends with the 101, so long-lived tunnels do not fill
+/// `max_requests_per_endpoint`. An upstream that declines answers like any response.
+#[allow(clippy::too_many_arguments)]
+async fn forward_upgrade(
+    table: &Table,
+    cluster: &ClusterTable<UpstreamClient>,
+    mut req: Request<Incoming>,
+    host: Option<String>,
+    client: SocketAddr,
+    https: bool,
+    request_id: &HeaderValue,
+    started: Instant,
+    timeout: Duration,
+) -> Response<ResponseBody> {
+    let cm = &cluster.runtime.metrics;
+    let cfg = &cluster.config;
+    if cfg.http2 {
+        // The cluster's client speaks only HTTP/2, which has no Upgrade.
+        cm.error("upgrade_unsupported");
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            "upgrade_unsupported",
+            "this cluster talks HTTP/2 to its upstreams; HTTP/1.1 Upgrade cannot pass",
+            request_id,
+        );
+    }
+    let max_in_flight = cfg.max_requests_per_endpoint;
+    let shared = &cluster.runtime.shared;
+    shared.retry_budget.deposit(
+        cfg.retry.budget_ratio,
+        crate::health::budget_cap(cfg.retry.min_retries_per_second),
+    );
+    let first = match &cfg.affinity {
+        crate::config::Affinity::None => balancer::pick(cluster, max_in_flight),
+        crate::config::Affinity::SourceIp => {
+            let ip = client.ip().to_canonical().to_string();
+            balancer::pick_affinity(cluster, ip.as_bytes(), max_in_flight)
+        }
+        crate::config::Affinity::Header(h) => match req.headers().get(h) {
+            Some(v) => balancer::pick_affinity(cluster, v.as_bytes(), max_in_flight),
+            None => balancer::pick(cluster, max_in_flight),
+        },
+    };
+    let Some(mut pick) = first else {
+        let kind = if cluster.slices.is_empty() {
+            "no_endpoint"
+        } else {
+            "endpoints_saturated"
+        };
+        cm.error(kind);
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            kind,
+            "no endpoint could take the request",
+            request_id,
+        );
+    };
+
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    prepare_upstream_headers(
+        &mut parts.headers,
+        client,
+        https,
+        host.as_deref(),
+        &parts.uri,
+        request_id,
+    );
+    if let Some(u) = upgrade {
+        parts.headers.insert(header::UPGRADE, u);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let may_retry = body.is_end_stream() && cfg.retry.attempts > 0;
+    let mut body = Some(RequestBody::Stream {
+        inner: body,
+        bytes: cm.request_bytes.clone(),
+    });
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let deadline = started + timeout;
+    let mut attempt = 0u32;
+    loop {
+        let ep = pick.endpoint.state.clone();
+        let zone = &cluster.zones[pick.zone];
+        let Ok(uri) = Uri::try_from(format!("{scheme}://{}{}", ep.addr, path_and_query)) else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "request target is not valid",
+                request_id,
+            );
+        };
+        let mut up = Request::new(body.take().unwrap_or(RequestBody::Empty));
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = parts.headers.clone();
+        let in_flight = InFlight::new(ep.clone());
+        let sent = Instant::now();
+        let result =
+            tokio::time::timeout_at(deadline.into(), cluster.runtime.client.request(up)).await;
+        let failure = match result {
+            Ok(Ok(mut resp)) => {
+                ep.observe(sent.elapsed(), cluster.decay);
+                let status = resp.status();
+                ep.record_outcome(status.is_server_error(), &cfg.outlier);
+                count_response(
+                    &zone.metrics,
+                    cm,
+                    pick.reason,
+                    status.as_u16(),
+                    started.elapsed().as_secs_f64(),
+                );
+                let route_header = table
+                    .config
+                    .listener
+                    .route_header
+                    .then(|| route_header(zone, &ep.label, pick.reason));
+                if status != StatusCode::SWITCHING_PROTOCOLS {
+                    // Declined: an ordinary response.
+                    return finish_response(resp, in_flight, cm, None, route_header);
+                }
+                drop(in_flight);
+                let upstream = hyper::upgrade::on(&mut resp);
+                let (mut rparts, _) = resp.into_parts();
+                for name in HOP_BY_HOP.iter() {
+                    if name != header::CONNECTION {
+                        rparts.headers.remove(name);
+                    }
+                }
+                if let Some(v) = route_header {
+                    rparts.headers.insert(&X_EDGE_ROUTE, v);
+                }
+                let tunnel = Tunnel {
+                    method: parts.method.clone(),
+                    host: host.unwrap_or_default(),
+                    path: parts.uri.path().to_string(),
+                    cluster: cluster.name.clone(),
+                    zone: zone.zone.clone(),
+                    endpoint: ep.label.clone(),
+                    request_id: request_id.clone(),
+                    client,
+                    log: table.config.listener.access_log,
+                    bytes: (cm.request_bytes.clone(), cm.response_bytes.clone()),
+                };
+                tokio::spawn(tunnel.run(downstream, upstream));
+                return Response::from_parts(rparts, ResponseBody::Full(None));
+            }
+            Err(_) => {
+                ep.observe(timeout, cluster.decay);
+                ep.record_outcome(true, &cfg.outlier);
+                zone.metrics.count(504);
+                cm.error("upstream_timeout");
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    "the upstream did not answer in time",
+                    request_id,
+                );
+            }
+            Ok(Err(e)) => e,
+        };
+        drop(in_flight);
+        let connect = failure.is_connect();
+        if connect {
+            ep.metrics.connect_errors.inc();
+        }
+        ep.record_outcome(true, &cfg.outlier);
+        let retryable = may_retry && connect && attempt < cfg.retry.attempts;
+        let kind = failure_kind(&failure);
+        warn!(
+            target: "proxy",
+            cluster = %cluster.name, endpoint = %ep.label, zone = %zone.zone,
+            error = %upstream::describe_failure(&failure),
+            "upstream upgrade request failed{}", if retryable { "; retrying" } else { "" }
+        );
+        if retryable && shared.retry_budget.withdraw() {
+            if let Some(next) = balancer::pick_other(cluster, &ep, max_in_flight, Reason::Retry) {
+                cm.retries.inc();
+                pick = next;
+                attempt += 1;
+                continue;
+            }
+        }
+        zone.metrics.count(502);
+        cm.error(kind);
+        return error_response(
+            StatusCode::BAD_GATEWAY,
+            kind,
+            "the upstream request failed",
+            request_id,
+        );
+    }
+}
+
+/// The `x-edge-error` kind of a failed upstream request.
+fn failure_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
+    if upstream::tls_problem(e).is_some() {
+        "upstream_tls_error"
+    } else if e.is_connect() {
+        "upstream_connect_error"
+    } else {
+        "upstream_reset"
+    }
+}
+
+/// An upgraded connection pair being copied both ways.
+struct Tunnel {
+    method: Method,
+    host: String,
+    path: String,
+    cluster: Arc<str>,
+    zone: Arc<str>,
+    endpoint: Arc<str>,
+    request_id: HeaderValue,
+    client: SocketAddr,
+    log: bool,
+    bytes: (prometheus::IntCounter, prometheus::IntCounter),
+}
+
+impl Tunnel {
+    async fn run(self, downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+        let started = Instant::now();
+        let (down, up) = match tokio::join!(downstream, upstream) {
+            (Ok(d), Ok(u)) => (d, u),
+            (d, u) => {
+                warn!(
+                    target: "proxy", cluster = %self.cluster, endpoint = %self.endpoint,
+                    client_side = ?d.err(), upstream_side = ?u.err(),
+                    "upgrade handed over no connection"
+                );
+                return;
+            }
+        };
+        let mut down = hyper_util::rt::TokioIo::new(down);
+        let mut up = hyper_util::rt::TokioIo::new(up);
+        let (sent, received, error) = match tokio::io::copy_bidirectional(&mut down, &mut up).await
+        {
+            Ok((to_up, to_down)) => (to_up, to_down, None),
+            Err(e) => (0, 0, Some(e.to_string())),
+        };
+        self.bytes.0.inc_by(sent);
+        self.bytes.1.inc_by(received);
+        if self.log {
+            info!(
+                target: "access",
+                method = %self.method,
+                host = %self.host,
+                path = %self.path,
+                status = 101,
+                duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                bytes = received,
+                bytes_up = sent,
+                upgrade = true,
+                error = error.as_deref().unwrap_or("-"),
+                cluster = %self.cluster,
+                zone = %self.zone,
+                endpoint = %self.endpoint,
+                request_id = self.request_id.to_str().unwrap_or("-"),
+                client = %self.client,
+            );
+        }
+    }
 }

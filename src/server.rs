@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Config, EndpointAddress};
 use crate::conn;
+use crate::discovery::{Discovery, Target, TtlBounds};
 use crate::health::{Events, Health, Wanted};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::{self, ProxyState, Table, UpstreamClient};
@@ -37,6 +38,8 @@ pub struct Router {
     /// Where the listeners really are (port 0 in config picks a free one).
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The listener's certificates when it terminates TLS; a reload re-reads them.
+    pub tls: Option<Arc<crate::tls::ReloadableServerTls>>,
     config_changed: Notify,
     shutdown_tx: watch::Sender<bool>,
     generation: AtomicU64,
@@ -110,6 +113,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         listening: AtomicBool::new(false),
         data_addr,
         admin_addr,
+        tls: tls.clone(),
         config_changed: Notify::new(),
         shutdown_tx,
         generation: AtomicU64::new(1),
@@ -234,10 +238,22 @@ impl Router {
             upstream::connector(c)
                 .map_err(|e| format!("{}: cluster {:?}: tls: {e}", new.source, c.name))?;
         }
+        // Certificates are read again even when their paths did not change (the usual
+        // rotation rewrites the files). New handshakes get them; open connections keep the
+        // ones they started with. A bad pair fails the reload and keeps the running ones.
+        let mut certs = None;
+        if let (Some(tls), Some(t)) = (&self.tls, &new.listener.tls) {
+            tls.reload(&tls_pairs(t))
+                .map_err(|e| format!("{}: listener.tls: {e}", new.source))?;
+            certs = Some(t.certificates.len());
+        }
         let summary = new.summary();
         self.config.store(Arc::new(new));
         self.config_changed.notify_one();
         let mut msg = format!("reloaded {summary}");
+        if let Some(n) = certs {
+            msg.push_str(&format!("; {n} listener certificate(s) reloaded"));
+        }
         for n in notes {
             warn!(target: "reload", "{n}");
             msg.push_str("; ");
@@ -289,10 +305,65 @@ pub struct Builder {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     tables: TableBuilder,
-    runtimes: HashMap<String, (config::ClusterConfig, Arc<ClusterRuntime<UpstreamClient>>)>,
+    runtimes: HashMap<String, ClusterSlot>,
     endpoints: Vec<Vec<EndpointEntry>>,
     config: Option<Arc<Config>>,
     last_fingerprint: Vec<u64>,
+    /// The resolver for DNS-named endpoints (made when the first name appears) and the
+    /// `dns.nameserver` it was made for.
+    discovery: Option<(Option<SocketAddr>, Discovery)>,
+    /// One background watch per (cluster, name): resolution never runs on the request path.
+    watches: HashMap<(String, Target), DnsWatch>,
+    /// Grows whenever the set of endpoints changes, so the new set is swapped in (and shown
+    /// in /routes) even when it does not change what requests pick yet.
+    membership: u64,
+}
+
+/// What a cluster keeps across tables: its config (to see what a reload changed), its
+/// clients and the connector its probers are made with.
+struct ClusterSlot {
+    config: config::ClusterConfig,
+    runtime: Arc<ClusterRuntime<UpstreamClient>>,
+    connector: upstream::Connector,
+}
+
+/// A name kept resolved by a `Discovery::watch` task.
+struct DnsWatch {
+    rx: watch::Receiver<Arc<Vec<SocketAddr>>>,
+    task: tokio::task::JoinHandle<()>,
+    bounds: TtlBounds,
+    /// Addresses from a previous watch of the same name (before a reload restarted it),
+    /// used until this one has its first answer.
+    carried: Arc<Vec<SocketAddr>>,
+}
+
+impl DnsWatch {
+    /// The addresses to use now; marks the current answer as seen.
+    fn current(&mut self) -> Arc<Vec<SocketAddr>> {
+        let v = self.rx.borrow_and_update().clone();
+        if v.is_empty() {
+            self.carried.clone()
+        } else {
+            v
+        }
+    }
+}
+
+impl Drop for DnsWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn dns_target(a: &EndpointAddress) -> Option<Target> {
+    match a {
+        EndpointAddress::Ip(_) => None,
+        EndpointAddress::Dns { host, port } => Some(Target::Host {
+            name: host.clone(),
+            port: *port,
+        }),
+        EndpointAddress::Srv { name } => Some(Target::Srv { name: name.clone() }),
+    }
 }
 
 impl Builder {
@@ -305,63 +376,171 @@ impl Builder {
             endpoints: Vec::new(),
             config: None,
             last_fingerprint: Vec::new(),
+            discovery: None,
+            watches: HashMap::new(),
+            membership: 0,
         }
     }
 
-    /// Applies a (new) config: clients, endpoint states and probers follow it.
+    /// Applies a (new) config: clients, DNS watches, endpoint states and probers follow it.
     fn apply_config(&mut self, config: &Arc<Config>) -> Result<(), String> {
         let mut runtimes = HashMap::new();
-        let mut endpoints = Vec::new();
         for c in &config.clusters {
-            let runtime = match self.runtimes.remove(&c.name) {
-                Some((old_cfg, rt))
-                    if old_cfg.tls == c.tls
-                        && old_cfg.http2 == c.http2
-                        && old_cfg.connect_timeout == c.connect_timeout =>
+            let slot = match self.runtimes.get(&c.name) {
+                Some(slot)
+                    if slot.config.tls == c.tls
+                        && slot.config.http2 == c.http2
+                        && slot.config.connect_timeout == c.connect_timeout =>
                 {
-                    rt
+                    ClusterSlot {
+                        config: c.clone(),
+                        runtime: slot.runtime.clone(),
+                        connector: slot.connector.clone(),
+                    }
                 }
                 _ => {
                     let connector = upstream::connector(c)
                         .map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
-                    Arc::new(ClusterRuntime {
-                        shared: self.health.cluster(&c.name),
-                        client: upstream::proxy_client(connector, c),
-                        metrics: ClusterMetrics::new(&self.metrics, &c.name),
-                    })
+                    ClusterSlot {
+                        config: c.clone(),
+                        runtime: Arc::new(ClusterRuntime {
+                            shared: self.health.cluster(&c.name),
+                            client: upstream::proxy_client(connector.clone(), c),
+                            metrics: ClusterMetrics::new(&self.metrics, &c.name),
+                        }),
+                        connector,
+                    }
                 }
             };
-            let connector =
-                upstream::connector(c).map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
-            let wanted: Vec<Wanted> = c
-                .endpoints
-                .iter()
-                .filter_map(|e| match &e.address {
-                    EndpointAddress::Ip(addr) => Some(Wanted {
-                        addr: *addr,
+            runtimes.insert(c.name.clone(), slot);
+        }
+        self.sync_watches(config)?;
+        self.runtimes = runtimes;
+        self.sync_endpoints(config);
+        let names: Vec<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();
+        self.health.retain_clusters(&names);
+        self.config = Some(config.clone());
+        Ok(())
+    }
+
+    /// Starts a watch for every DNS name the config uses and stops those it no longer
+    /// uses. A watch restarted (new TTL bounds or nameserver) keeps serving the addresses
+    /// it had until its first answer.
+    fn sync_watches(&mut self, config: &Config) -> Result<(), String> {
+        let wanted: Vec<((String, Target), TtlBounds)> = config
+            .clusters
+            .iter()
+            .flat_map(|c| {
+                let bounds = TtlBounds {
+                    min: c.dns_min_ttl,
+                    max: c.dns_max_ttl,
+                };
+                c.endpoints
+                    .iter()
+                    .filter_map(|e| dns_target(&e.address))
+                    .map(move |t| ((c.name.clone(), t), bounds))
+            })
+            .collect();
+        if wanted.is_empty() {
+            self.watches.clear();
+            self.discovery = None;
+            return Ok(());
+        }
+        let ns = config.dns.nameserver;
+        let mut fresh_resolver = false;
+        if self.discovery.as_ref().map(|(n, _)| *n) != Some(ns) {
+            let d = match ns {
+                Some(addr) => Discovery::with_nameserver(addr),
+                None => Discovery::from_system().map_err(|e| format!("dns: {e}"))?,
+            };
+            self.discovery = Some((ns, d));
+            fresh_resolver = true;
+        }
+        let Some((_, discovery)) = &self.discovery else {
+            return Ok(());
+        };
+        let mut old = std::mem::take(&mut self.watches);
+        for (key, bounds) in wanted {
+            let carried = match old.remove(&key) {
+                Some(w) if w.bounds == bounds && !fresh_resolver => {
+                    self.watches.insert(key, w);
+                    continue;
+                }
+                Some(mut w) => w.current(),
+                None => Arc::new(Vec::new()),
+            };
+            let metrics = self.metrics.clone();
+            let changed = self.health.changed.clone();
+            let on_result: crate::discovery::OnResult = Arc::new(move |name: &str, ok: bool| {
+                let result = if ok { "success" } else { "failure" };
+                metrics
+                    .dns_resolutions
+                    .with_label_values(&[name, result])
+                    .inc();
+                if ok {
+                    // The builder looks at every watch when it wakes up.
+                    changed.notify_one();
+                }
+            });
+            info!(cluster = %key.0, name = %key.1.name(), "resolving endpoint name in the background");
+            let (rx, task) = discovery.watch(key.1.clone(), bounds, on_result);
+            self.watches.insert(
+                key,
+                DnsWatch {
+                    rx,
+                    task,
+                    bounds,
+                    carried,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Has any watched name a new answer since the endpoints were last synced?
+    fn dns_changed(&self) -> bool {
+        self.watches
+            .values()
+            .any(|w| w.rx.has_changed().unwrap_or(false))
+    }
+
+    /// Makes the tracked endpoints those of the config, DNS names replaced by their
+    /// current addresses (each address its own endpoint in the name's region and zone).
+    fn sync_endpoints(&mut self, config: &Config) {
+        let mut endpoints = Vec::with_capacity(config.clusters.len());
+        for c in &config.clusters {
+            let mut wanted: Vec<Wanted> = Vec::new();
+            let mut weights: HashMap<SocketAddr, u32> = HashMap::new();
+            for e in &c.endpoints {
+                let addrs = match dns_target(&e.address) {
+                    None => match e.address {
+                        EndpointAddress::Ip(a) => Arc::new(vec![a]),
+                        _ => continue,
+                    },
+                    Some(t) => match self.watches.get_mut(&(c.name.clone(), t)) {
+                        Some(w) => w.current(),
+                        None => continue,
+                    },
+                };
+                for &addr in addrs.iter() {
+                    // The same address twice (two names, or a name and an IP): first wins.
+                    if weights.contains_key(&addr) {
+                        continue;
+                    }
+                    weights.insert(addr, e.weight);
+                    wanted.push(Wanted {
+                        addr,
                         region: e.region.clone(),
                         zone: e.zone.clone(),
-                    }),
-                    other => {
-                        warn!(
-                            "cluster {:?}: endpoint {other}: DNS endpoints are not resolved yet",
-                            c.name
-                        );
-                        None
-                    }
-                })
-                .collect();
-            let states = self
-                .health
-                .sync_cluster(c, &wanted, &connector, config.routing.decay());
-            let weights: HashMap<SocketAddr, u32> = c
-                .endpoints
-                .iter()
-                .filter_map(|e| match e.address {
-                    EndpointAddress::Ip(a) => Some((a, e.weight)),
-                    _ => None,
-                })
-                .collect();
+                    });
+                }
+            }
+            let Some(slot) = self.runtimes.get(&c.name) else {
+                continue;
+            };
+            let states =
+                self.health
+                    .sync_cluster(c, &wanted, &slot.connector, config.routing.decay());
             endpoints.push(
                 states
                     .into_iter()
@@ -369,19 +548,24 @@ impl Builder {
                         weight: weights.get(&s.addr).copied().unwrap_or(100),
                         state: s,
                     })
-                    .collect(),
+                    .collect::<Vec<_>>(),
             );
-            runtimes.insert(c.name.clone(), (c.clone(), runtime));
         }
-        let names: Vec<&str> = config.clusters.iter().map(|c| c.name.as_str()).collect();
-        self.health.retain_clusters(&names);
-        self.runtimes = runtimes;
+        let same = endpoints.len() == self.endpoints.len()
+            && endpoints.iter().zip(&self.endpoints).all(|(a, b)| {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(x, y)| Arc::ptr_eq(&x.state, &y.state) && x.weight == y.weight)
+            });
+        if !same {
+            self.membership += 1;
+        }
         self.endpoints = endpoints;
-        self.config = Some(config.clone());
-        Ok(())
     }
 
-    /// Builds a table for `config` (applying it first if it is new).
+    /// Builds a table for `config` (applying it first if it is new, and taking in any new
+    /// DNS answers).
     pub fn build(&mut self, generation: u64, config: Arc<Config>) -> Result<Table, String> {
         if !self
             .config
@@ -389,6 +573,8 @@ impl Builder {
             .is_some_and(|c| Arc::ptr_eq(c, &config))
         {
             self.apply_config(&config)?;
+        } else if self.dns_changed() {
+            self.sync_endpoints(&config);
         }
         let inputs = config
             .clusters
@@ -396,7 +582,7 @@ impl Builder {
             .zip(self.endpoints.iter())
             .map(|(c, eps)| ClusterInput {
                 config: c.clone(),
-                runtime: self.runtimes[&c.name].1.clone(),
+                runtime: self.runtimes[&c.name].runtime.clone(),
                 endpoints: eps.clone(),
             })
             .collect();
@@ -409,6 +595,7 @@ impl Builder {
             Instant::now(),
         );
         self.last_fingerprint = fingerprint(&t);
+        self.last_fingerprint.push(self.membership);
         Ok(t)
     }
 }

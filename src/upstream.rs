@@ -65,3 +65,36 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+/// The TLS problem behind a failed upstream request, if TLS was the cause: rustls' own
+/// words ("invalid peer certificate: UnknownIssuer"), found in the error's sources (or
+/// inside the io::Error tokio-rustls wraps it in, which hides it from `source()`).
+pub fn tls_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        // io::Error::source() skips the error it wraps; look inside it instead.
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// One line for the log about a failed upstream request; TLS failures say so first, with
+/// what to check, because "client error (Connect)" alone sends people looking at the network.
+pub fn describe_failure(e: &(dyn std::error::Error + 'static)) -> String {
+    match tls_problem(e) {
+        Some(p) => format!(
+            "TLS handshake with upstream failed: {p} (check the cluster's tls.ca and tls.sni); {}",
+            error_chain(e)
+        ),
+        None => error_chain(e),
+    }
+}
