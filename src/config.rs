@@ -856,29 +856,30 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         let pct = v.int(&key, Some(pct), 100, 0, 100)?;
         traffic_dial.insert(region, pct as u8);
     }
-    let affinity =
-        match c.affinity {
-            None => Affinity::None,
-            Some(raw::Affinity::Name(n)) => match n.as_str() {
-                "none" => Affinity::None,
-                "source_ip" => Affinity::SourceIp,
-                other => return Err(v.err(
+    let affinity = match c.affinity {
+        None => Affinity::None,
+        Some(raw::Affinity::Name(n)) => match n.as_str() {
+            "none" => Affinity::None,
+            "source_ip" => Affinity::SourceIp,
+            other => {
+                return Err(v.err(
                     format!("{p}: affinity"),
                     format!(
                         "{other:?} is not one of \"none\", \"source_ip\" or {{ header = \"...\" }}"
                     ),
-                )),
-            },
-            Some(raw::Affinity::Header { header }) => {
-                let h = http::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
-                    v.err(
-                        format!("{p}: affinity.header"),
-                        format!("{header:?} is not a valid header name"),
-                    )
-                })?;
-                Affinity::Header(h)
+                ))
             }
-        };
+        },
+        Some(raw::Affinity::Header { header }) => {
+            let h = http::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+                v.err(
+                    format!("{p}: affinity.header"),
+                    format!("{header:?} is not a valid header name"),
+                )
+            })?;
+            Affinity::Header(h)
+        }
+    };
     let tls = c.tls.map(|t| UpstreamTls {
         sni: t.sni,
         ca: t.ca.map(PathBuf::from),
@@ -1031,6 +1032,15 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
             zone: e.zone,
             weight: v.int(&format!("{ep}: weight"), e.weight, 100, 0, 1000)? as u32,
         });
+    }
+    // A dial for a region with no endpoint is a typo, not a no-op.
+    for region in traffic_dial.keys() {
+        if !endpoints.iter().any(|e| &e.region == region) {
+            return Err(v.err(
+                format!("{p}: traffic_dial.{region}"),
+                format!("no endpoint of this cluster is in region {region:?}"),
+            ));
+        }
     }
     // A zone name means one place: the same zone cannot sit in two regions.
     let mut zone_region: BTreeMap<&str, &str> = BTreeMap::new();

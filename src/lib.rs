@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod health;
+pub mod hedge;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
