@@ -208,7 +208,13 @@ fn p2c<'t>(
     let (ea, eb) = (&zone.candidates[a], &zone.candidates[b]);
     let chosen = match (usable(ea), usable(eb)) {
         (true, true) => {
-            if cost(eb) * 1.2 < cost(ea) {
+            // With unequal weights the peak average alone would fight them: it is close to
+            // a recent maximum, so the endpoint that gets more requests (the heavier one)
+            // sees more peaks and looks slower. There the draw stands unless the smoothed
+            // average agrees that `b` is clearly cheaper (a sustained slowdown or load).
+            let clearly = cost(eb) * 1.2 < cost(ea)
+                && (zone.cum_weights.is_empty() || smooth_cost(eb) * 1.2 < smooth_cost(ea));
+            if clearly {
                 eb
             } else {
                 ea
@@ -243,5 +249,10 @@ fn cost(e: &EndpointEntry) -> f64 {
     // Before any sample an endpoint costs like a 30 ms one (linkerd's default RTT), so it
     // is tried but does not swallow traffic on hope.
     let lat = e.state.latency.get_us().unwrap_or(30_000.0);
+    lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+}
+
+fn smooth_cost(e: &EndpointEntry) -> f64 {
+    let lat = e.state.smoothed.get_us().unwrap_or(30_000.0);
     lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
 }

@@ -281,11 +281,17 @@ async fn forward(
         },
     };
     let Some(mut pick) = first else {
-        let kind = if cluster.slices.is_empty() {
-            "no_endpoint"
-        } else if cluster.slices.last().is_some_and(|s| s.upto < 1.0) {
-            // Part of the traffic is refused by a strict dial (dial_fallback = false).
+        let served = cluster.slices.last().map_or(0.0, |s| s.upto);
+        let kind = if served < 1.0
+            && cluster
+                .zones
+                .iter()
+                .any(|z| z.dial < 100 && !z.candidates.is_empty())
+        {
+            // Refused by a strict dial (dial_fallback = false) with nowhere else to go.
             "dial_limit"
+        } else if cluster.slices.is_empty() {
+            "no_endpoint"
         } else {
             "endpoints_saturated"
         };
