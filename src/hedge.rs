@@ -122,11 +122,13 @@ impl ZoneStats {
     }
 }
 
+type ZoneKey = (Arc<str>, Arc<str>);
+
 /// The zone statistics of one cluster, by (region, zone). Touched only by the table builder;
 /// the request path reaches a zone's stats through its routing table.
 #[derive(Default)]
 pub struct ZoneRegistry {
-    zones: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<ZoneStats>>>,
+    zones: Mutex<HashMap<ZoneKey, Arc<ZoneStats>>>,
 }
 
 impl ZoneRegistry {
@@ -136,7 +138,7 @@ impl ZoneRegistry {
     }
 
     /// Forgets zones that left the cluster.
-    pub fn retain(&self, keep: &[(Arc<str>, Arc<str>)]) {
+    pub fn retain(&self, keep: &[ZoneKey]) {
         let mut m = self.zones.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() > keep.len() {
             m.retain(|k, _| keep.contains(k));
