@@ -183,6 +183,9 @@ struct ClusterJson<'a> {
     endpoints: Vec<EndpointJson<'a>>,
     /// How traffic splits, in order: zone, share, why.
     slices: Vec<SliceJson<'a>>,
+    /// Share no zone takes (a strict dial with nowhere else to go): refused with 503.
+    /// Zone shares plus this make 1.
+    refused_share: f64,
 }
 
 #[derive(Serialize)]
@@ -284,6 +287,7 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
                         reason: s.reason.as_str(),
                     })
                     .collect(),
+                refused_share: round3(1.0 - c.slices.last().map_or(0.0, |s| s.upto)),
             })
             .collect(),
     }

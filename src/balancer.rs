@@ -41,17 +41,17 @@ pub fn random_unit() -> f64 {
 }
 
 /// The nearest-healthy pick: a zone by the table's traffic slices, then power of two choices
-/// inside it. `None` when the cluster has nothing to offer (no endpoint, or every candidate
-/// saturated).
+/// inside it. `None` when the cluster has nothing to offer (no endpoint, every candidate
+/// saturated, or the draw fell in the share a strict dial refuses).
 pub fn pick<'t, C>(cluster: &'t ClusterTable<C>, max_in_flight: u32) -> Option<Pick<'t>> {
-    let total = cluster.slices.last()?.upto;
-    let u = random_unit() * total;
-    let slice_idx = cluster
-        .slices
-        .iter()
-        .position(|s| u < s.upto)
-        .unwrap_or(cluster.slices.len() - 1);
-    let slice = cluster.slices[slice_idx];
+    slice_pick(cluster, random_unit(), max_in_flight)
+}
+
+/// The pick for a draw `u` in [0, 1).
+fn slice_pick<'t, C>(cluster: &'t ClusterTable<C>, u: f64, max_in_flight: u32) -> Option<Pick<'t>> {
+    // Slices cover [0, served); a draw past `served` is traffic the table refuses (a dial
+    // with dial_fallback = false and nowhere else to go).
+    let slice = *cluster.slices.iter().find(|s| u < s.upto)?;
     if let Some(endpoint) = p2c(&cluster.zones[slice.zone], None, max_in_flight) {
         return Some(Pick {
             zone: slice.zone,
@@ -60,10 +60,16 @@ pub fn pick<'t, C>(cluster: &'t ClusterTable<C>, max_in_flight: u32) -> Option<P
         });
     }
     // The zone's candidates are all at their concurrency limit: the next zone takes it.
-    next_zone(cluster, slice.zone, None, max_in_flight, slice.reason)
+    let reason = if cluster.panic {
+        Reason::Panic
+    } else {
+        Reason::Spillover
+    };
+    next_zone(cluster, slice.zone, None, max_in_flight, reason)
 }
 
-/// A second attempt: another endpoint, preferably in another zone (nearest first).
+/// A second attempt (retry or hedge): another endpoint, preferably in another zone, nearest
+/// first. Zones of regions dialled to 0 are drained: they come after every other zone.
 pub fn pick_other<'t, C>(
     cluster: &'t ClusterTable<C>,
     failed: &EndpointState,
@@ -71,24 +77,24 @@ pub fn pick_other<'t, C>(
     reason: Reason,
 ) -> Option<Pick<'t>> {
     let failed_zone = cluster.zones.iter().position(|z| z.zone == failed.zone);
-    for (i, z) in cluster.zones.iter().enumerate() {
-        if Some(i) == failed_zone {
-            continue;
-        }
-        if let Some(endpoint) = p2c(z, Some(failed), max_in_flight) {
-            return Some(Pick {
+    let others = |drained: bool| {
+        cluster
+            .zones
+            .iter()
+            .enumerate()
+            .filter(move |(i, z)| Some(*i) != failed_zone && (z.dial == 0) == drained)
+    };
+    let same = failed_zone.map(|i| (i, &cluster.zones[i]));
+    others(false)
+        .chain(others(true))
+        .chain(same)
+        .find_map(|(i, z)| {
+            p2c(z, Some(failed), max_in_flight).map(|endpoint| Pick {
                 zone: i,
                 endpoint,
                 reason,
-            });
-        }
-    }
-    let i = failed_zone?;
-    p2c(&cluster.zones[i], Some(failed), max_in_flight).map(|endpoint| Pick {
-        zone: i,
-        endpoint,
-        reason,
-    })
+            })
+        })
 }
 
 fn next_zone<'t, C>(
@@ -122,14 +128,10 @@ pub fn pick_affinity<'t, C>(
     key: &[u8],
     max_in_flight: u32,
 ) -> Option<Pick<'t>> {
-    let total = cluster.slices.last()?.upto;
     let h = hash64(key, 0x9e37_79b9_7f4a_7c15);
-    let u = ((h >> 11) as f64 / (1u64 << 53) as f64) * total;
-    let slice = cluster
-        .slices
-        .iter()
-        .find(|s| u < s.upto)
-        .or(cluster.slices.last())?;
+    let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+    // The key's hash stands in for the random draw: a client keeps its zone too.
+    let slice = cluster.slices.iter().find(|s| u < s.upto)?;
     let zone = &cluster.zones[slice.zone];
     let best = zone
         .candidates
@@ -206,7 +208,13 @@ fn p2c<'t>(
     let (ea, eb) = (&zone.candidates[a], &zone.candidates[b]);
     let chosen = match (usable(ea), usable(eb)) {
         (true, true) => {
-            if cost(eb) * 1.2 < cost(ea) {
+            // With unequal weights the peak average alone would fight them: it is close to
+            // a recent maximum, so the endpoint that gets more requests (the heavier one)
+            // sees more peaks and looks slower. There the draw stands unless the smoothed
+            // average agrees that `b` is clearly cheaper (a sustained slowdown or load).
+            let clearly = cost(eb) * 1.2 < cost(ea)
+                && (zone.cum_weights.is_empty() || smooth_cost(eb) * 1.2 < smooth_cost(ea));
+            if clearly {
                 eb
             } else {
                 ea
@@ -241,5 +249,10 @@ fn cost(e: &EndpointEntry) -> f64 {
     // Before any sample an endpoint costs like a 30 ms one (linkerd's default RTT), so it
     // is tried but does not swallow traffic on hope.
     let lat = e.state.latency.get_us().unwrap_or(30_000.0);
+    lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+}
+
+fn smooth_cost(e: &EndpointEntry) -> f64 {
+    let lat = e.state.smoothed.get_us().unwrap_or(30_000.0);
     lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
 }

@@ -1072,6 +1072,15 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
             weight: v.int(&format!("{ep}: weight"), e.weight, 100, 0, 1000)? as u32,
         });
     }
+    // A dial for a region with no endpoint is a typo, not a no-op.
+    for region in traffic_dial.keys() {
+        if !endpoints.iter().any(|e| &e.region == region) {
+            return Err(v.err(
+                format!("{p}: traffic_dial.{region}"),
+                format!("no endpoint of this cluster is in region {region:?}"),
+            ));
+        }
+    }
     // A zone name means one place: the same zone cannot sit in two regions.
     let mut zone_region: BTreeMap<&str, &str> = BTreeMap::new();
     for (ei, e) in endpoints.iter().enumerate() {

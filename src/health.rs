@@ -493,6 +493,8 @@ pub struct ClusterShared {
     pub name: Arc<str>,
     pub retry_budget: Budget,
     pub hedge_budget: Budget,
+    /// Per-zone time-to-headers statistics for the hedge delay.
+    pub zone_stats: crate::hedge::ZoneRegistry,
     ejected: AtomicU32,
     endpoints: AtomicU32,
     changed: Arc<Notify>,
@@ -505,6 +507,7 @@ impl ClusterShared {
             name: Arc::from(name),
             retry_budget: Budget::new(),
             hedge_budget: Budget::new(),
+            zone_stats: Default::default(),
             ejected: AtomicU32::new(0),
             endpoints: AtomicU32::new(0),
             changed,

@@ -12,6 +12,7 @@ pub mod conn;
 pub mod demo;
 pub mod discovery;
 pub mod health;
+pub mod hedge;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

@@ -256,6 +256,7 @@ pub async fn handle(
         request_id.clone(),
         started,
         timeout,
+        route.hedge,
     )
     .await;
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
@@ -273,6 +274,7 @@ async fn forward(
     request_id: HeaderValue,
     started: Instant,
     timeout: Duration,
+    hedge: bool,
 ) -> Response<ResponseBody> {
     let cm = &cluster.runtime.metrics;
     let cfg = &cluster.config;
@@ -285,17 +287,26 @@ async fn forward(
 
     let first = match &cfg.affinity {
         crate::config::Affinity::None => balancer::pick(cluster, max_in_flight),
-        crate::config::Affinity::SourceIp => {
-            let ip = client.ip().to_canonical().to_string();
-            balancer::pick_affinity(cluster, ip.as_bytes(), max_in_flight)
-        }
+        crate::config::Affinity::SourceIp => match client.ip().to_canonical() {
+            std::net::IpAddr::V4(a) => balancer::pick_affinity(cluster, &a.octets(), max_in_flight),
+            std::net::IpAddr::V6(a) => balancer::pick_affinity(cluster, &a.octets(), max_in_flight),
+        },
         crate::config::Affinity::Header(h) => match req.headers().get(h) {
             Some(v) => balancer::pick_affinity(cluster, v.as_bytes(), max_in_flight),
             None => balancer::pick(cluster, max_in_flight),
         },
     };
     let Some(mut pick) = first else {
-        let kind = if cluster.slices.is_empty() {
+        let served = cluster.slices.last().map_or(0.0, |s| s.upto);
+        let kind = if served < 1.0
+            && cluster
+                .zones
+                .iter()
+                .any(|z| z.dial < 100 && !z.candidates.is_empty())
+        {
+            // Refused by a strict dial (dial_fallback = false) with nowhere else to go.
+            "dial_limit"
+        } else if cluster.slices.is_empty() {
             "no_endpoint"
         } else {
             "endpoints_saturated"
@@ -335,8 +346,16 @@ async fn forward(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
     let may_retry = body_empty && cfg.retry.attempts > 0;
-    // Kept only when a retry could need them: a retry must resend the same request.
-    let saved_headers = may_retry.then(|| parts.headers.clone());
+    // Hedged: idempotent, no body, and hedging on for the route (or its cluster).
+    let hedge_on =
+        hedge && body_empty && matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if hedge_on {
+        shared
+            .hedge_budget
+            .deposit(cfg.hedge.budget_ratio, HEDGE_BUDGET_CAP);
+    }
+    // Kept only when a retry or a hedge could need them: both resend the same request.
+    let saved_headers = (may_retry || hedge_on).then(|| parts.headers.clone());
     let mut body = Some(RequestBody::Stream {
         inner: body,
         bytes: cm.request_bytes.clone(),
@@ -352,8 +371,8 @@ async fn forward(
     let mut headers = Some(parts.headers);
 
     loop {
-        let ep = pick.endpoint.state.clone();
-        let zone = &cluster.zones[pick.zone];
+        let mut ep = pick.endpoint.state.clone();
+        let mut zone = &cluster.zones[pick.zone];
         let uri = match Uri::try_from(format!("{scheme}://{}{}", ep.addr, path_and_query)) {
             Ok(u) => u,
             Err(_) => {
@@ -373,10 +392,33 @@ async fn forward(
             .take()
             .or_else(|| saved_headers.clone())
             .unwrap_or_default();
-        let in_flight = InFlight::new(ep.clone());
-        let sent = Instant::now();
-        let result =
-            tokio::time::timeout_at(deadline.into(), cluster.runtime.client.request(up)).await;
+        let mut in_flight = InFlight::new(ep.clone());
+        let mut sent = Instant::now();
+        let result = if hedge_on && attempt == 0 {
+            let delay = hedge_delay(cfg, zone, &ep);
+            let parts = BackupParts {
+                scheme,
+                path_and_query: &path_and_query,
+                method: &method,
+                version,
+                headers: &saved_headers,
+            };
+            let h = Box::pin(hedged(cluster, &pick, up, delay, deadline, parts)).await;
+            if h.sent {
+                // The hedge was this request's second attempt: no retry after it.
+                attempt += 1;
+            }
+            if let Some((b, b_in_flight, b_sent)) = h.backup {
+                pick = b;
+                ep = pick.endpoint.state.clone();
+                zone = &cluster.zones[pick.zone];
+                in_flight = b_in_flight;
+                sent = b_sent;
+            }
+            h.result
+        } else {
+            tokio::time::timeout_at(deadline.into(), cluster.runtime.client.request(up)).await
+        };
         let failure = match result {
             Ok(Ok(resp)) => {
                 let elapsed = sent.elapsed();
@@ -468,6 +510,157 @@ async fn forward(
             "the upstream request failed",
             &request_id,
         );
+    }
+}
+
+/// Tokens a hedge budget may save up: a quiet spell cannot fund a burst larger than this.
+const HEDGE_BUDGET_CAP: i64 = 10;
+
+type Attempt = Result<
+    Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    tokio::time::error::Elapsed,
+>;
+
+/// How long a hedged request waits for response headers before the backup goes: the
+/// configured delay, or the zone's recent p95 of time to headers. Before the zone has
+/// enough samples, twice the endpoint's peak latency (at least 1 ms; 50 ms when unknown).
+fn hedge_delay(
+    cfg: &crate::config::ClusterConfig,
+    zone: &crate::table::ZoneTable,
+    ep: &crate::health::EndpointState,
+) -> Duration {
+    cfg.hedge.delay.unwrap_or_else(|| {
+        zone.stats
+            .p95()
+            .unwrap_or_else(|| match ep.latency.get_us() {
+                Some(us) => Duration::from_micros((us * 2.0) as u64).max(Duration::from_millis(1)),
+                None => Duration::from_millis(50),
+            })
+    })
+}
+
+/// What a backup attempt needs to resend the request elsewhere.
+struct BackupParts<'a> {
+    scheme: &'static str,
+    path_and_query: &'a str,
+    method: &'a Method,
+    version: Version,
+    headers: &'a Option<HeaderMap>,
+}
+
+impl BackupParts<'_> {
+    fn request(&self, addr: SocketAddr) -> Option<Request<RequestBody>> {
+        let uri = Uri::try_from(format!("{}://{addr}{}", self.scheme, self.path_and_query)).ok()?;
+        let mut up = Request::new(RequestBody::Empty);
+        *up.method_mut() = self.method.clone();
+        *up.uri_mut() = uri;
+        *up.version_mut() = self.version;
+        *up.headers_mut() = self.headers.clone().unwrap_or_default();
+        Some(up)
+    }
+}
+
+struct HedgeOutcome<'t> {
+    result: Attempt,
+    /// The backup answered first: the response is from this pick (with its in-flight mark
+    /// and send time).
+    backup: Option<(balancer::Pick<'t>, InFlight, Instant)>,
+    /// A backup attempt was sent.
+    sent: bool,
+}
+
+/// Sends `up` to the primary pick; if its response headers are not there after `delay`,
+/// and the hedge budget allows, sends one backup attempt to the next-nearest zone. The
+/// first answer wins; the other attempt is dropped, which cancels it (hyper closes its
+/// connection). An attempt that fails leaves the field to the other.
+async fn hedged<'t>(
+    cluster: &'t ClusterTable<UpstreamClient>,
+    primary: &balancer::Pick<'t>,
+    up: Request<RequestBody>,
+    delay: Duration,
+    deadline: Instant,
+    parts: BackupParts<'_>,
+) -> HedgeOutcome<'t> {
+    let client = &cluster.runtime.client;
+    let cfg = &cluster.config;
+    let cm = &cluster.runtime.metrics;
+    let ep = &primary.endpoint.state;
+    let stats = &cluster.zones[primary.zone].stats;
+    let started = Instant::now();
+    let first = tokio::time::timeout_at(deadline.into(), client.request(up));
+    tokio::pin!(first);
+    let early = tokio::select! {
+        biased;
+        r = &mut first => Some(r),
+        _ = tokio::time::sleep(delay) => None,
+    };
+    let only_first = |result| HedgeOutcome {
+        result,
+        backup: None,
+        sent: false,
+    };
+    if let Some(r) = early {
+        stats.record(started.elapsed());
+        return only_first(r);
+    }
+    // Headers are late. One backup in the next-nearest zone, within the budget.
+    let backup = balancer::pick_other(cluster, ep, cfg.max_requests_per_endpoint, Reason::Hedge)
+        .and_then(|b| parts.request(b.endpoint.state.addr).map(|req| (b, req)));
+    let Some((b, breq)) = backup else {
+        let r = first.await;
+        stats.record(started.elapsed());
+        return only_first(r);
+    };
+    if !cluster.runtime.shared.hedge_budget.withdraw() {
+        cm.hedges_refused.inc();
+        let r = first.await;
+        stats.record(started.elapsed());
+        return only_first(r);
+    }
+    cm.hedges_sent.inc();
+    let bep = b.endpoint.state.clone();
+    let b_in_flight = InFlight::new(bep.clone());
+    let b_sent = Instant::now();
+    let second = tokio::time::timeout_at(deadline.into(), client.request(breq));
+    tokio::pin!(second);
+    let backup_failed = |r: &Attempt| {
+        if let Ok(Err(e)) = r {
+            if e.is_connect() {
+                bep.metrics.connect_errors.inc();
+            }
+            bep.record_outcome(true, &cfg.outlier);
+        }
+    };
+    tokio::select! {
+        r = &mut first => {
+            stats.record(started.elapsed());
+            if !matches!(r, Ok(Ok(_))) {
+                // The first attempt failed: the backup may still answer.
+                let rb = second.await;
+                if matches!(rb, Ok(Ok(_))) {
+                    cm.hedges_won.inc();
+                    return HedgeOutcome { result: rb, backup: Some((b, b_in_flight, b_sent)), sent: true };
+                }
+                backup_failed(&rb);
+            }
+            HedgeOutcome { result: r, backup: None, sent: true }
+        }
+        rb = &mut second => {
+            if matches!(rb, Ok(Ok(_))) {
+                // The backup won; dropping `first` cancels it. What it waited is a lower
+                // bound of its latency: the in-zone pick learns from it.
+                let waited = started.elapsed();
+                ep.observe(waited, cluster.decay);
+                stats.record(waited);
+                cm.hedges_won.inc();
+                return HedgeOutcome { result: rb, backup: Some((b, b_in_flight, b_sent)), sent: true };
+            }
+            backup_failed(&rb);
+            drop(b_in_flight);
+            let r = first.await;
+            stats.record(started.elapsed());
+            HedgeOutcome { result: r, backup: None, sent: true }
+        }
     }
 }
 

@@ -115,6 +115,8 @@ pub struct ZoneTable {
     pub dial: u8,
     pub latency_ms: Option<f64>,
     pub metrics: Arc<ZoneMetrics>,
+    /// Time-to-headers statistics (hedge delay); outlives tables.
+    pub stats: Arc<crate::hedge::ZoneStats>,
 }
 
 #[derive(Clone)]
@@ -259,6 +261,7 @@ impl TableBuilder {
             now,
         );
 
+        runtime.shared.zone_stats.retain(&order);
         let mut zones: Vec<ZoneTable> = order
             .iter()
             .enumerate()
@@ -286,6 +289,7 @@ impl TableBuilder {
                         .entry((cc.name.clone(), key.clone()))
                         .or_insert_with(|| Arc::new(zone_metrics(&cc.name, &key.0, &key.1)))
                         .clone(),
+                    stats: runtime.shared.zone_stats.get(&key.0, &key.1),
                 }
             })
             .collect();
@@ -453,73 +457,118 @@ impl TableBuilder {
     }
 }
 
-/// Health-driven shares down the ranking, then dials.
+/// One part of the traffic flowing down the ranking: how much, why it moved last, and the
+/// regions (bit per region index) that dialled it away and must not take it back.
+#[derive(Clone, Copy, Debug)]
+struct Portion {
+    amount: f64,
+    reason: Reason,
+    skip: u64,
+}
+
+const EPS: f64 = 1e-9;
+
+/// Traffic shares down the ranking: health spillover (Envoy's priority load) and regions'
+/// traffic dials in one pass.
+///
+/// All traffic arrives at the nearest zone. Each zone in rank order takes what arrives, up
+/// to its health capacity `min(1, healthy share x factor)` (scaled up when the whole cluster
+/// is short of health, so the healthy zones still carry everything); the rest flows on as
+/// spillover (or failover, past a zone with nothing healthy). A zone in a region dialled to
+/// `d`% keeps `d`% of what it takes; the rest flows on as `dial` and no zone of that region
+/// takes it back, so the region as a whole keeps `d`% of what it would otherwise get.
+/// Traffic no zone could take (every other region down or dialled) falls back to the
+/// dialled zones with room, as `failover`, when `dial_fallback` is on; otherwise it is left
+/// unassigned and refused.
 fn distribute(zones: &[ZoneTable], health: &[f64], cc: &ClusterConfig) -> Vec<Slice> {
-    // Envoy's priority load: each zone keeps min(1, healthy share x factor) of what reaches
-    // it; the rest spills to the next. When total health is below 1, scale it up so the
-    // healthy zones still carry all the traffic.
     let total: f64 = health.iter().sum::<f64>().min(1.0);
-    let mut remaining = 1.0f64;
-    let mut load = vec![0.0f64; zones.len()];
-    let mut reason = vec![Reason::Nearest; zones.len()];
-    let mut any_before = false;
-    for (i, h) in health.iter().enumerate() {
-        let take = (h / total).min(remaining).max(0.0);
-        load[i] = take;
-        remaining -= take;
-        reason[i] = if i == 0 {
-            Reason::Nearest
-        } else if !any_before {
-            Reason::Failover
-        } else {
-            Reason::Spillover
-        };
-        if *h > 0.0 {
-            any_before = true;
-        }
-    }
-    // A zone whose region is dialled down keeps `dial`% of its load; the excess goes to the
-    // next zones in rank order of undialled regions, as far as their health allows.
-    let mut parts: Vec<(usize, f64, Reason)> = Vec::new();
-    let mut excess = Vec::new();
-    for (i, z) in zones.iter().enumerate() {
-        if load[i] <= 0.0 {
-            continue;
-        }
-        let keep = load[i] * z.dial as f64 / 100.0;
-        if keep > 0.0 {
-            parts.push((i, keep, reason[i]));
-        }
-        if load[i] - keep > 0.0 {
-            excess.push((i, load[i] - keep, reason[i]));
-        }
-    }
-    let mut headroom: Vec<f64> = zones
+    // One bit per region (regions past the 64th share "no bit": they cannot be skipped).
+    let mut regions: Vec<&str> = Vec::new();
+    let bits: Vec<u64> = zones
         .iter()
-        .enumerate()
-        .map(|(i, z)| {
-            if z.dial == 100 {
-                (health[i] / total).min(1.0) - load[i]
+        .map(|z| {
+            let i = regions
+                .iter()
+                .position(|r| *r == &*z.region)
+                .unwrap_or_else(|| {
+                    regions.push(&z.region);
+                    regions.len() - 1
+                });
+            if i < 64 {
+                1u64 << i
             } else {
-                0.0
+                0
             }
         })
         .collect();
-    for (from, mut amount, original) in excess {
-        for (j, room) in headroom.iter_mut().enumerate() {
-            if amount <= 1e-12 {
-                break;
+    let mut flow = vec![Portion {
+        amount: 1.0,
+        reason: Reason::Nearest,
+        skip: 0,
+    }];
+    let mut parts: Vec<(usize, f64, Reason)> = Vec::new();
+    let mut room = vec![0.0f64; zones.len()];
+    for (i, z) in zones.iter().enumerate() {
+        let bit = bits[i];
+        let (eligible, mut next): (Vec<Portion>, Vec<Portion>) =
+            flow.iter().partition(|p| p.skip & bit == 0);
+        let arriving: f64 = eligible.iter().map(|p| p.amount).sum();
+        if health[i] <= 0.0 {
+            // Nothing healthy here: everything passes; the nearest zone's traffic fails over.
+            next.extend(eligible.into_iter().map(|p| Portion {
+                reason: if p.reason == Reason::Nearest {
+                    Reason::Failover
+                } else {
+                    p.reason
+                },
+                ..p
+            }));
+            flow = merge(next);
+            continue;
+        }
+        let cap = (health[i] / total).min(1.0);
+        let take_frac = if arriving > cap { cap / arriving } else { 1.0 };
+        let keep_frac = z.dial as f64 / 100.0;
+        let mut kept = 0.0;
+        for p in eligible {
+            let take = p.amount * take_frac;
+            let keep = take * keep_frac;
+            if keep > EPS {
+                parts.push((i, keep, p.reason));
+                kept += keep;
             }
-            let take = amount.min(*room);
-            if take > 1e-12 {
-                parts.push((j, take, Reason::Dial));
-                *room -= take;
-                amount -= take;
+            if take - keep > EPS {
+                next.push(Portion {
+                    amount: take - keep,
+                    reason: Reason::Dial,
+                    skip: p.skip | bit,
+                });
+            }
+            if p.amount - take > EPS {
+                next.push(Portion {
+                    amount: p.amount - take,
+                    reason: Reason::Spillover,
+                    skip: p.skip,
+                });
             }
         }
-        // Nowhere else can take it: the dialled region still serves, unless told not to.
-        if amount > 1e-12 && cc.dial_fallback {
-            parts.push((from, amount, original));
+        room[i] = cap - kept;
+        flow = merge(next);
+    }
+    // What nobody took: only dialled regions have room left. They still serve rather than
+    // refuse, unless told not to.
+    if cc.dial_fallback {
+        let mut left: f64 = flow.iter().map(|p| p.amount).sum();
+        for (i, r) in room.iter_mut().enumerate() {
+            if left <= EPS {
+                break;
+            }
+            let take = left.min(*r);
+            if take > EPS && health[i] > 0.0 {
+                parts.push((i, take, Reason::Failover));
+                *r -= take;
+                left -= take;
+            }
         }
     }
     // Contiguous slices in rank order, merging equal (zone, reason) neighbours.
@@ -537,7 +586,28 @@ fn distribute(zones: &[ZoneTable], health: &[f64], cc: &ClusterConfig) -> Vec<Sl
             }),
         }
     }
+    // Float dust: a fully served cluster ends at exactly 1.
+    if let Some(last) = slices.last_mut() {
+        if (last.upto - 1.0).abs() < 1e-6 {
+            last.upto = 1.0;
+        }
+    }
     slices
+}
+
+/// Merges portions with the same reason and skip set (keeps the flow a handful long).
+fn merge(mut v: Vec<Portion>) -> Vec<Portion> {
+    let mut out: Vec<Portion> = Vec::with_capacity(v.len());
+    for p in v.drain(..) {
+        match out
+            .iter_mut()
+            .find(|q| q.reason == p.reason && q.skip == p.skip)
+        {
+            Some(q) => q.amount += p.amount,
+            None => out.push(p),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -560,6 +630,14 @@ name = "api"
 address = "127.0.0.1:1"
 region = "r1"
 zone = "a"
+[[cluster.endpoint]]
+address = "127.0.0.1:2"
+region = "r2"
+zone = "c"
+[[cluster.endpoint]]
+address = "127.0.0.1:3"
+region = "r3"
+zone = "d"
 [[route]]
 cluster = "api"
 "#
@@ -742,6 +820,106 @@ cluster = "api"
             e.force_status(Status::Unhealthy);
         }
         let t = f.build(&mut b, &config("traffic_dial = { r1 = 0 }"), Instant::now());
+        assert_eq!(shares(&t), [("a".into(), 1.0), ("b".into(), 0.0)]);
+    }
+
+    #[test]
+    fn a_dial_caps_the_whole_region_and_cascades_down_the_ranking() {
+        let f = Fixture::new(&[
+            ("r1", "a", 2, 1.0),
+            ("r1", "b", 2, 2.0),
+            ("r2", "c", 2, 8.0),
+            ("r3", "d", 2, 20.0),
+        ]);
+        let mut b = TableBuilder::new();
+        // Region r1 at 50%: zone a keeps half, the other half skips r1's zone b.
+        let t = f.build(
+            &mut b,
+            &config("traffic_dial = { r1 = 50 }"),
+            Instant::now(),
+        );
+        assert_eq!(
+            shares(&t),
+            [
+                ("a".into(), 0.5),
+                ("b".into(), 0.0),
+                ("c".into(), 0.5),
+                ("d".into(), 0.0)
+            ]
+        );
+        // r2 dialled too: it keeps half of what reaches it, the rest goes on to r3.
+        let t = f.build(
+            &mut b,
+            &config("traffic_dial = { r1 = 50, r2 = 50 }"),
+            Instant::now(),
+        );
+        assert_eq!(
+            shares(&t),
+            [
+                ("a".into(), 0.5),
+                ("b".into(), 0.0),
+                ("c".into(), 0.25),
+                ("d".into(), 0.25)
+            ]
+        );
+        let reasons: Vec<Reason> = t.clusters[0].slices.iter().map(|s| s.reason).collect();
+        assert_eq!(reasons, [Reason::Nearest, Reason::Dial, Reason::Dial]);
+        // Dial 0 drains r1 but keeps its zones ready (candidates, probed elsewhere).
+        let t = f.build(&mut b, &config("traffic_dial = { r1 = 0 }"), Instant::now());
+        assert_eq!(
+            shares(&t)[..3],
+            [("a".into(), 0.0), ("b".into(), 0.0), ("c".into(), 1.0)]
+        );
+        assert_eq!(t.clusters[0].zones[0].candidates.len(), 2);
+    }
+
+    #[test]
+    fn strict_dial_refuses_what_nobody_else_can_take() {
+        let f = Fixture::new(&[("r1", "a", 2, 1.0), ("r2", "b", 2, 8.0)]);
+        for e in f.endpoints.iter().filter(|e| &*e.zone == "b") {
+            e.force_status(Status::Unhealthy);
+        }
+        let mut b = TableBuilder::new();
+        // Fallback (default): the dialled region serves everything, as failover.
+        let t = f.build(
+            &mut b,
+            &config("traffic_dial = { r1 = 30 }"),
+            Instant::now(),
+        );
+        assert_eq!(shares(&t), [("a".into(), 1.0), ("b".into(), 0.0)]);
+        assert_eq!(
+            t.clusters[0].slices,
+            vec![
+                Slice {
+                    zone: 0,
+                    upto: 0.3,
+                    reason: Reason::Nearest
+                },
+                Slice {
+                    zone: 0,
+                    upto: 1.0,
+                    reason: Reason::Failover
+                }
+            ]
+        );
+        // Strict: 30% served, 70% refused.
+        let t = f.build(
+            &mut b,
+            &config("traffic_dial = { r1 = 30 }\ndial_fallback = false"),
+            Instant::now(),
+        );
+        assert_eq!(shares(&t), [("a".into(), 0.3), ("b".into(), 0.0)]);
+        assert!((t.clusters[0].slices.last().map_or(0.0, |s| s.upto) - 0.3).abs() < 1e-9);
+        // Nothing healthy anywhere: fail open, dials or not.
+        for e in &f.endpoints {
+            e.force_status(Status::Unhealthy);
+        }
+        let t = f.build(
+            &mut b,
+            &config("traffic_dial = { r1 = 0 }\ndial_fallback = false"),
+            Instant::now(),
+        );
+        assert!(t.clusters[0].panic);
         assert_eq!(shares(&t), [("a".into(), 1.0), ("b".into(), 0.0)]);
     }
 
