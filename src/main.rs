@@ -227,6 +227,8 @@ edge-router demo: you are in us-east-1a. Simulated zones: {zones}
   Zone back:   curl -X POST http://{a}/demo/zones/us-east-1a/up
   Slow zone:   curl -X POST http://{a}/demo/zones/us-east-1a/slow
   Metrics:     curl -s http://{a}/metrics | grep edge_router_requests_total
+  Terminal:    edge-router status --admin {a} --watch
+  Story:       edge-router demo --scenario failover   (or latency, spillover: traffic and faults on a timer)
   Stop:        Ctrl-C
 "#,
         zones = zones.join(", ")

@@ -344,7 +344,7 @@ impl Driver {
                 None => by.push((z, 1)),
             }
         }
-        by.sort_by(|a, b| b.1.cmp(&a.1));
+        by.sort_by_key(|b| std::cmp::Reverse(b.1));
         (n, by)
     }
 
