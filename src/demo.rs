@@ -3,7 +3,7 @@
 //! taken down, slowed down and brought back from the admin API or the dashboard.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::net::TcpListener;
+
+pub mod scenario;
 
 /// A simulated zone: (region, zone, endpoints, one-way-ish latency in ms).
 pub const ZONES: &[(&str, &str, usize, u64)] = &[
@@ -53,6 +55,8 @@ pub struct DemoZone {
     pub latency_ms: u64,
     pub endpoints: Vec<SocketAddr>,
     state: AtomicU8,
+    /// Bit i set: endpoint i is down on its own (the rest of the zone is not).
+    down_endpoints: AtomicU64,
 }
 
 impl DemoZone {
@@ -62,6 +66,11 @@ impl DemoZone {
             2 => ZoneState::Slow,
             _ => ZoneState::Up,
         }
+    }
+
+    fn endpoint_down(&self, i: usize) -> bool {
+        self.state() == ZoneState::Down
+            || self.down_endpoints.load(Ordering::Relaxed) & (1 << i) != 0
     }
 }
 
@@ -103,9 +112,10 @@ impl Demo {
                 latency_ms: *latency_ms,
                 endpoints,
                 state: AtomicU8::new(ZoneState::Up as u8),
+                down_endpoints: AtomicU64::new(0),
             });
-            for l in listeners {
-                tokio::spawn(backend(l, z.clone()));
+            for (i, l) in listeners.into_iter().enumerate() {
+                tokio::spawn(backend(l, z.clone(), i));
             }
             zones.push(z);
         }
@@ -151,6 +161,27 @@ impl Demo {
         })
     }
 
+    /// Takes one endpoint down (or back up) while the rest of its zone keeps serving.
+    pub fn set_endpoint(&self, addr: SocketAddr, down: bool) -> Result<String, String> {
+        for z in &self.zones {
+            if let Some(i) = z
+                .endpoints
+                .iter()
+                .position(|a| *a == addr)
+                .filter(|i| *i < 64)
+            {
+                if down {
+                    z.down_endpoints.fetch_or(1 << i, Ordering::Relaxed);
+                } else {
+                    z.down_endpoints.fetch_and(!(1 << i), Ordering::Relaxed);
+                }
+                let what = if down { "down" } else { "up again" };
+                return Ok(format!("demo: endpoint {addr} in {} is {what}", z.zone));
+            }
+        }
+        Err(format!("no demo endpoint {addr}"))
+    }
+
     /// The router config for these backends.
     pub fn config_toml(&self, listen: SocketAddr, admin: SocketAddr) -> String {
         let mut s = format!(
@@ -193,13 +224,13 @@ base_ejection_time = "5s"
     }
 }
 
-async fn backend(listener: TcpListener, zone: Arc<DemoZone>) {
+async fn backend(listener: TcpListener, zone: Arc<DemoZone>, index: usize) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        if zone.state() == ZoneState::Down {
+        if zone.endpoint_down(index) {
             // A dead zone: the connection closes before any answer.
             drop(stream);
             continue;
@@ -207,7 +238,7 @@ async fn backend(listener: TcpListener, zone: Arc<DemoZone>) {
         let zone = zone.clone();
         let addr = listener.local_addr().ok();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| answer(zone.clone(), addr, req));
+            let svc = service_fn(move |req| answer(zone.clone(), index, addr, req));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -229,12 +260,13 @@ impl std::error::Error for ZoneDown {}
 
 async fn answer(
     zone: Arc<DemoZone>,
+    index: usize,
     addr: Option<SocketAddr>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ZoneDown> {
     // A dead zone breaks kept-alive connections too: hyper closes the connection when the
     // service fails, so the client sees a reset with no answer.
-    if zone.state() == ZoneState::Down {
+    if zone.endpoint_down(index) {
         return Err(ZoneDown);
     }
     let delay = match zone.state() {
@@ -242,7 +274,7 @@ async fn answer(
         _ => zone.latency_ms,
     };
     tokio::time::sleep(Duration::from_millis(delay)).await;
-    if zone.state() == ZoneState::Down {
+    if zone.endpoint_down(index) {
         return Err(ZoneDown);
     }
     let body = format!(

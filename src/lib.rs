@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod status;
 pub mod table;
 pub mod tls;
 pub mod upstream;

@@ -1,4 +1,4 @@
-//! The `edge-router` command: run, check, demo.
+//! The `edge-router` command: run, check, demo, status.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use edge_router::{config, demo, logging, server};
+use edge_router::{config, demo, logging, server, status};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +45,24 @@ enum Command {
         /// Admin address.
         #[arg(long, default_value = config::DEFAULT_ADMIN)]
         admin: SocketAddr,
+        /// Drive traffic and faults on a timer and print what happens.
+        #[arg(long, value_enum)]
+        scenario: Option<demo::scenario::Scenario>,
+        /// Stop when the scenario is done (exit 1 if a step did not happen in time).
+        #[arg(long, requires = "scenario")]
+        exit_after: bool,
+    },
+    /// Show the routing picture of a running router: zones nearest first, health, traffic.
+    Status {
+        /// Admin address of the router.
+        #[arg(long, default_value = config::DEFAULT_ADMIN, value_parser = status::parse_admin)]
+        admin: String,
+        /// Redraw every interval until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Redraw interval with --watch.
+        #[arg(long, default_value = "1s", value_parser = config::parse_duration)]
+        interval: std::time::Duration,
     },
 }
 
@@ -72,10 +90,34 @@ fn main() -> ExitCode {
             let _guard = logging::init(cli.log_format);
             with_runtime(cli.workers, run(cfg, Some(config)))
         }
-        Command::Demo { listen, admin } => {
+        Command::Demo {
+            listen,
+            admin,
+            scenario,
+            exit_after,
+        } => {
+            if scenario.is_some() && std::env::var_os("RUST_LOG").is_none() {
+                // Keep the scenario's story readable; RUST_LOG still wins.
+                std::env::set_var("RUST_LOG", "warn,proxy=error,health=error");
+            }
             let _guard = logging::init(cli.log_format);
-            with_runtime(cli.workers, run_demo(listen, admin))
+            with_runtime(
+                cli.workers,
+                run_demo(listen, admin, scenario.map(|s| (s, exit_after))),
+            )
         }
+        Command::Status {
+            admin,
+            watch,
+            interval,
+        } => with_runtime(
+            Some(1),
+            status::run(status::Options {
+                admin,
+                watch,
+                interval: interval.max(std::time::Duration::from_millis(100)),
+            }),
+        ),
     }
 }
 
@@ -138,7 +180,11 @@ fn signals(router: Arc<server::Router>) {
     });
 }
 
-async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+async fn run_demo(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    scenario: Option<(demo::scenario::Scenario, bool)>,
+) -> ExitCode {
     let d = match demo::Demo::start().await {
         Ok(d) => Arc::new(d),
         Err(e) => {
@@ -181,11 +227,34 @@ edge-router demo: you are in us-east-1a. Simulated zones: {zones}
   Zone back:   curl -X POST http://{a}/demo/zones/us-east-1a/up
   Slow zone:   curl -X POST http://{a}/demo/zones/us-east-1a/slow
   Metrics:     curl -s http://{a}/metrics | grep edge_router_requests_total
+  Terminal:    edge-router status --admin {a} --watch
+  Story:       edge-router demo --scenario failover   (or latency, spillover: traffic and faults on a timer)
   Stop:        Ctrl-C
 "#,
         zones = zones.join(", ")
     );
     signals(running.router.clone());
+    let script = scenario.map(|(s, exit_after)| {
+        let router = running.router.clone();
+        tokio::spawn(async move {
+            let r = demo::scenario::run(s, router.clone(), d, Default::default()).await;
+            if let Err(e) = &r {
+                eprintln!("error: scenario {}: {e}", s.name());
+            }
+            if exit_after {
+                router.shutdown();
+            } else {
+                println!("The demo keeps running: dashboard http://{a}/, Ctrl-C to stop.");
+            }
+            !exit_after || r.is_ok()
+        })
+    });
     running.wait().await;
-    ExitCode::SUCCESS
+    match script {
+        Some(h) if h.is_finished() => match h.await {
+            Ok(true) => ExitCode::SUCCESS,
+            _ => ExitCode::from(1),
+        },
+        _ => ExitCode::SUCCESS,
+    }
 }
