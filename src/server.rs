@@ -117,6 +117,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     });
     metrics.table_generation.set(1);
     metrics.table_swaps.inc();
+    publish_zone_shares(&metrics, &router.table());
     metrics
         .config_reloads
         .with_label_values(&["success"])
@@ -333,6 +334,14 @@ impl Builder {
             };
             let connector =
                 upstream::connector(c).map_err(|e| format!("cluster {:?}: tls: {e}", c.name))?;
+            for e in &c.endpoints {
+                match &e.address {
+                    EndpointAddress::Dns { host: name, .. } | EndpointAddress::Srv { name } => {
+                        self.metrics.dns_name(name)
+                    }
+                    EndpointAddress::Ip(_) => {}
+                }
+            }
             let wanted: Vec<Wanted> = c
                 .endpoints
                 .iter()
@@ -433,6 +442,18 @@ fn fingerprint(t: &Table) -> Vec<u64> {
     f
 }
 
+/// Sets `edge_router_zone_share` from a table about to be (or just) swapped in.
+fn publish_zone_shares(metrics: &Metrics, t: &Table) {
+    for c in &t.clusters {
+        for z in &c.zones {
+            metrics
+                .zone_share
+                .with_label_values(&[&c.name, &z.region, &z.zone])
+                .set(z.share);
+        }
+    }
+}
+
 fn rank_order(t: &Table) -> String {
     t.clusters
         .iter()
@@ -488,15 +509,7 @@ async fn builder_loop(router: Arc<Router>, mut builder: Builder) {
             router.generation.store(next_gen, Ordering::Relaxed);
             router.metrics.table_generation.set(next_gen as i64);
             router.metrics.table_swaps.inc();
-            for c in &table.clusters {
-                for z in &c.zones {
-                    router
-                        .metrics
-                        .zone_share
-                        .with_label_values(&[&c.name, &z.region, &z.zone])
-                        .set(z.share);
-                }
-            }
+            publish_zone_shares(&router.metrics, &table);
             router.proxy.table.store(Arc::new(table));
             if old_order != new_order {
                 info!(target: "table", generation = next_gen, "routing table swapped: {old_order}  =>  {new_order}");
@@ -573,11 +586,7 @@ async fn serve_data(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             // Over max_connections: close at once rather than queue without bound.
-            router
-                .metrics
-                .errors
-                .with_label_values(&["", "too_many_connections"])
-                .inc();
+            router.metrics.too_many_connections.inc();
             drop(stream);
             continue;
         };
