@@ -1,1 +1,238 @@
-fn main() {}
+//! Request-path micro-benchmarks (criterion; `cargo bench --bench request_path`).
+//!
+//! Layout: one criterion group per concern, each a list of functions named after it, all
+//! run by `criterion_main!` at the bottom. Add a concern as a new group (e.g. `pick_*` for
+//! the balancer, `rebuild_*` for the table builder) and append it to `criterion_main!`.
+//!
+//! - `metrics_*`: the metric updates of one served request (`proxy::count_response` plus
+//!   the request and response byte counters) on handles resolved at table build, against a
+//!   plain atomic increment and against what a label lookup per request would cost.
+//! - `access_log_*`: the per-request cost of the access log: building the record and
+//!   emitting the `access` event through the subscriber the binary installs
+//!   (`logging::subscriber`), formatted as JSON or text into `io::sink`, against the
+//!   access log switched off (`listener.access_log = false`) and filtered off by RUST_LOG.
+//!
+//! Criterion prints `time: [low mid high]` per function: the time of one call, i.e. ns per
+//! request. Run a shorter pass with `cargo bench --bench request_path -- --warm-up-time 1
+//! --measurement-time 2`.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use edge_router::logging::{self, Format};
+use edge_router::metrics::{ClusterMetrics, Metrics};
+use edge_router::proxy::{self, AccessLog};
+use edge_router::table::Reason;
+use http::{HeaderValue, Method};
+use tracing_subscriber::EnvFilter;
+
+// ---------------------------------------------------------------------------------------
+// metrics_*
+
+fn metrics_plain_atomic_increment(c: &mut Criterion) {
+    let counter = AtomicU64::new(0);
+    c.bench_function("metrics_plain_atomic_increment", |b| {
+        b.iter(|| black_box(&counter).fetch_add(1, Ordering::Relaxed))
+    });
+}
+
+/// What the request path does per served request: route decision, status code, latency
+/// histogram, request and response bytes. Five atomic updates on pre-resolved handles.
+fn metrics_request_updates(c: &mut Criterion) {
+    let m = Metrics::new();
+    let zone = m.zone("api", "us-east-1", "us-east-1a");
+    let cluster = ClusterMetrics::new(&m, "api");
+    c.bench_function("metrics_request_updates", |b| {
+        b.iter(|| {
+            proxy::count_response(
+                black_box(&zone),
+                black_box(&cluster),
+                black_box(Reason::Nearest),
+                black_box(200),
+                black_box(0.0042),
+            );
+            cluster.request_bytes.inc_by(black_box(512));
+            cluster.response_bytes.inc_by(black_box(2048));
+        })
+    });
+}
+
+/// The same updates with a status code outside the pre-created set (lazily resolved once).
+fn metrics_request_updates_rare_code(c: &mut Criterion) {
+    let m = Metrics::new();
+    let zone = m.zone("api", "us-east-1", "us-east-1a");
+    let cluster = ClusterMetrics::new(&m, "api");
+    c.bench_function("metrics_request_updates_rare_code", |b| {
+        b.iter(|| {
+            proxy::count_response(
+                black_box(&zone),
+                black_box(&cluster),
+                black_box(Reason::Failover),
+                black_box(418),
+                black_box(0.0042),
+            );
+            cluster.request_bytes.inc_by(black_box(512));
+            cluster.response_bytes.inc_by(black_box(2048));
+        })
+    });
+}
+
+/// For contrast, what the design avoids: resolving every label set per request.
+fn metrics_request_updates_label_lookup(c: &mut Criterion) {
+    let m = Metrics::new();
+    c.bench_function("metrics_request_updates_label_lookup", |b| {
+        b.iter(|| {
+            let (cl, r, z) = black_box(("api", "us-east-1", "us-east-1a"));
+            m.decisions.with_label_values(&[cl, "nearest"]).inc();
+            m.requests.with_label_values(&[cl, r, z, "200"]).inc();
+            m.request_duration
+                .with_label_values(&[cl, r, z])
+                .observe(black_box(0.0042));
+            m.request_bytes.with_label_values(&[cl]).inc_by(512);
+            m.response_bytes.with_label_values(&[cl]).inc_by(2048);
+        })
+    });
+}
+
+criterion_group!(
+    metrics_benches,
+    metrics_plain_atomic_increment,
+    metrics_request_updates,
+    metrics_request_updates_rare_code,
+    metrics_request_updates_label_lookup
+);
+
+// ---------------------------------------------------------------------------------------
+// access_log_*
+
+/// What the table and the request already hold when the access log is built (the proxy
+/// clones these `Arc`s; it does not allocate them per request).
+struct Request {
+    client: SocketAddr,
+    request_id: HeaderValue,
+    cluster: Arc<str>,
+    region: Arc<str>,
+    zone: Arc<str>,
+    endpoint: Arc<str>,
+}
+
+impl Request {
+    fn new() -> Request {
+        Request {
+            client: ([127, 0, 0, 1], 52144).into(),
+            request_id: HeaderValue::from_static("5f0c2b9e8d7a41c3b2a1f0e9d8c7b6a5"),
+            cluster: Arc::from("api"),
+            region: Arc::from("us-east-1"),
+            zone: Arc::from("us-east-1a"),
+            endpoint: Arc::from("10.0.1.17:8080"),
+        }
+    }
+}
+
+/// One request's access-log work as the proxy does it: the record when the switch is on
+/// (method, host and path copied, table names shared), then the event when the response
+/// ends.
+fn access_log_request(on: bool, r: &Request) {
+    let log = black_box(on).then(|| {
+        let mut l = AccessLog::new(
+            Method::GET,
+            Some(black_box("api.example.com")),
+            black_box("/v1/users/42"),
+            Instant::now(),
+            &r.request_id,
+            r.client,
+        );
+        l.cluster = Some(r.cluster.clone());
+        l.region = Some(r.region.clone());
+        l.zone = Some(r.zone.clone());
+        l.endpoint = Some(r.endpoint.clone());
+        l.reason = Some(Reason::Nearest);
+        l.status = 200;
+        l
+    });
+    if let Some(l) = log {
+        l.emit(black_box(2048), true);
+    }
+}
+
+fn with_subscriber(sub: Box<dyn tracing::Subscriber + Send + Sync>, f: impl FnOnce()) {
+    tracing::subscriber::with_default(sub, f);
+}
+
+fn access_log_off(c: &mut Criterion) {
+    let r = Request::new();
+    // A real subscriber is installed (other logs still flow); the switch is off.
+    let sub = logging::subscriber(Format::Json, EnvFilter::new("info"), std::io::sink);
+    with_subscriber(sub, || {
+        c.bench_function("access_log_off", |b| {
+            b.iter(|| access_log_request(false, &r))
+        });
+    });
+}
+
+fn access_log_filtered_by_rust_log(c: &mut Criterion) {
+    let r = Request::new();
+    let sub = logging::subscriber(
+        Format::Json,
+        EnvFilter::new("info,access=off"),
+        std::io::sink,
+    );
+    with_subscriber(sub, || {
+        c.bench_function("access_log_filtered_by_rust_log", |b| {
+            b.iter(|| access_log_request(true, &r))
+        });
+    });
+}
+
+fn access_log_json_sink(c: &mut Criterion) {
+    let r = Request::new();
+    let sub = logging::subscriber(Format::Json, EnvFilter::new("info"), std::io::sink);
+    with_subscriber(sub, || {
+        c.bench_function("access_log_json_sink", |b| {
+            b.iter(|| access_log_request(true, &r))
+        });
+    });
+}
+
+fn access_log_text_sink(c: &mut Criterion) {
+    let r = Request::new();
+    let sub = logging::subscriber(Format::Text, EnvFilter::new("info"), std::io::sink);
+    with_subscriber(sub, || {
+        c.bench_function("access_log_text_sink", |b| {
+            b.iter(|| access_log_request(true, &r))
+        });
+    });
+}
+
+/// As the binary runs it: JSON handed to the non-blocking writer (a channel to a writer
+/// thread, here writing to a sink). Lossy like the binary's: lines beyond the buffer are
+/// dropped, never waited for.
+fn access_log_json_non_blocking(c: &mut Criterion) {
+    let r = Request::new();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::sink());
+    let sub = logging::subscriber(Format::Json, EnvFilter::new("info"), writer);
+    with_subscriber(sub, || {
+        c.bench_function("access_log_json_non_blocking", |b| {
+            b.iter(|| access_log_request(true, &r))
+        });
+    });
+    drop(guard);
+}
+
+criterion_group!(
+    access_log_benches,
+    access_log_off,
+    access_log_filtered_by_rust_log,
+    access_log_json_sink,
+    access_log_text_sink,
+    access_log_json_non_blocking
+);
+
+criterion_main!(metrics_benches, access_log_benches);

@@ -11,6 +11,7 @@ use prometheus::{
 };
 
 use prometheus::{Gauge, GaugeVec};
+use std::sync::{Arc, OnceLock};
 
 /// From 0.25 ms to ~33 s: the span of a proxied request, loopback to slow upstream.
 pub fn latency_buckets() -> Vec<f64> {
@@ -44,6 +45,10 @@ pub struct Metrics {
     pub connections_active: IntGauge,
     pub connections_accepted: IntCounter,
     pub dns_resolutions: IntCounterVec,
+    /// `edge_router_errors_total{cluster="",kind="no_route"}`, resolved once.
+    pub no_route: IntCounter,
+    /// `edge_router_errors_total{cluster="",kind="too_many_connections"}`, resolved once.
+    pub too_many_connections: IntCounter,
 }
 
 /// Registering a family can fail only on a duplicate or invalid name: a programming error
@@ -62,7 +67,20 @@ impl Metrics {
         let r = Registry::new();
         let ep = &["cluster", "region", "zone", "endpoint"];
         let buckets = latency_buckets();
+        let errors = reg!(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "edge_router_errors_total",
+                    "Error responses made by the router itself, by x-edge-error kind."
+                ),
+                &["cluster", "kind"]
+            )
+        );
         let m = Metrics {
+            no_route: errors.with_label_values(&["", "no_route"]),
+            too_many_connections: errors.with_label_values(&["", "too_many_connections"]),
+            errors,
             requests: reg!(
                 r,
                 IntCounterVec::new(
@@ -88,7 +106,7 @@ impl Metrics {
             upstream_latency: reg!(
                 r,
                 GaugeVec::new(
-                    Opts::new("edge_router_upstream_latency_seconds", "The endpoint's decaying peak latency average (probes and requests)."),
+                    Opts::new("edge_router_upstream_latency_seconds", "The endpoint's smoothed latency average (probes and requests), the one zones are ranked by."),
                     ep
                 )
             ),
@@ -150,13 +168,6 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new("edge_router_route_decisions_total", "Why requests went where they went."),
                     &["cluster", "reason"]
-                )
-            ),
-            errors: reg!(
-                r,
-                IntCounterVec::new(
-                    Opts::new("edge_router_errors_total", "Error responses made by the router itself, by x-edge-error kind."),
-                    &["cluster", "kind"]
                 )
             ),
             request_bytes: reg!(
@@ -238,9 +249,23 @@ impl Metrics {
         let code = |c: &str| self.requests.with_label_values(&[cluster, region, zone, c]);
         ZoneMetrics {
             codes: COMMON_CODES.map(|c| code(c.1)),
+            rare: std::iter::repeat_with(OnceLock::new)
+                .take(RARE_CODES)
+                .collect(),
             requests: self.requests.clone(),
-            labels: [cluster.to_string(), region.to_string(), zone.to_string()],
+            labels: Arc::new([cluster.to_string(), region.to_string(), zone.to_string()]),
             duration: self.request_duration.with_label_values(&lv),
+        }
+    }
+
+    /// Creates the series of a DNS-named endpoint at zero, so dashboards and rules see the
+    /// family (and `rate()` a baseline) before the first look-up ends. `name` is the name
+    /// resolved: the host of `host:port`, or the SRV name.
+    pub fn dns_name(&self, name: &str) {
+        for result in ["success", "failure"] {
+            self.dns_resolutions
+                .with_label_values(&[name, result])
+                .inc_by(0);
         }
     }
 }
@@ -270,28 +295,41 @@ const COMMON_CODES: [(u16, &str); 16] = [
     (504, "504"),
 ];
 
+/// Status codes 100..=599 outside [`COMMON_CODES`] get a lazily resolved slot each.
+const RARE_CODES: usize = 500;
+
 /// Handles for one zone of one cluster, resolved when the table is built.
 #[derive(Clone)]
 pub struct ZoneMetrics {
     codes: [IntCounter; 16],
+    /// Index `code - 100`: resolved on the first response with that code, an atomic add after.
+    rare: Arc<[OnceLock<IntCounter>]>,
     requests: IntCounterVec,
-    labels: [String; 3],
+    labels: Arc<[String; 3]>,
     pub duration: Histogram,
 }
 
 impl ZoneMetrics {
-    /// Counts a response; the common codes cost one atomic add, a rare code one label lookup.
+    /// Counts a response: one atomic add. Only the first response with a code outside the
+    /// common set pays a label lookup (and codes above 599, which hyper allows, every time).
     pub fn count(&self, code: u16) {
-        for (i, (c, _)) in COMMON_CODES.iter().enumerate() {
-            if *c == code {
-                self.codes[i].inc();
-                return;
-            }
+        if let Some(i) = COMMON_CODES.iter().position(|(c, _)| *c == code) {
+            self.codes[i].inc();
+            return;
         }
-        let [cl, r, z] = &self.labels;
+        let slot = (code as usize)
+            .checked_sub(100)
+            .and_then(|i| self.rare.get(i));
+        match slot {
+            Some(slot) => slot.get_or_init(|| self.lookup(code)).inc(),
+            None => self.lookup(code).inc(),
+        }
+    }
+
+    fn lookup(&self, code: u16) -> IntCounter {
+        let [cl, r, z] = &*self.labels;
         self.requests
             .with_label_values(&[cl.as_str(), r.as_str(), z.as_str(), &code.to_string()])
-            .inc();
     }
 }
 
@@ -345,6 +383,16 @@ impl EndpointMetrics {
     }
 }
 
+/// The `x-edge-error` kinds a cluster's requests can end with; their counters are resolved
+/// (and shown at zero) when the cluster is set up.
+pub const CLUSTER_ERROR_KINDS: [&str; 5] = [
+    "no_endpoint",
+    "endpoints_saturated",
+    "upstream_connect_error",
+    "upstream_reset",
+    "upstream_timeout",
+];
+
 /// Handles for one cluster, resolved when the table is built.
 #[derive(Clone)]
 pub struct ClusterMetrics {
@@ -359,6 +407,8 @@ pub struct ClusterMetrics {
     pub decisions: Vec<IntCounter>,
     pub cluster: String,
     pub errors: IntCounterVec,
+    /// Indexed like [`CLUSTER_ERROR_KINDS`].
+    known_errors: Vec<IntCounter>,
 }
 
 impl ClusterMetrics {
@@ -377,6 +427,19 @@ impl ClusterMetrics {
                 .collect(),
             cluster: cluster.to_string(),
             errors: m.errors.clone(),
+            known_errors: CLUSTER_ERROR_KINDS
+                .iter()
+                .map(|k| m.errors.with_label_values(&[cluster, k]))
+                .collect(),
+        }
+    }
+
+    /// Counts an error response of this cluster by its `x-edge-error` kind: an atomic add
+    /// for the known kinds (an overload of 503s must not turn into a hash per request).
+    pub fn error(&self, kind: &str) {
+        match CLUSTER_ERROR_KINDS.iter().position(|k| *k == kind) {
+            Some(i) => self.known_errors[i].inc(),
+            None => self.errors.with_label_values(&[&self.cluster, kind]).inc(),
         }
     }
 }

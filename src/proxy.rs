@@ -114,11 +114,19 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ResponseBody::Upstream { inner, done } => {
-                let r = Pin::new(inner).poll_frame(cx);
+                let r = Pin::new(&mut *inner).poll_frame(cx);
                 match &r {
                     Poll::Ready(Some(Ok(f))) => {
                         if let (Some(d), Some(c)) = (f.data_ref(), done.as_mut()) {
                             c.bytes += d.len() as u64;
+                        }
+                        // A body with a known length ends with its last frame: hyper may
+                        // never poll again, so finish (and log it complete) now.
+                        if inner.is_end_stream() {
+                            if let Some(c) = done.as_mut() {
+                                c.complete = true;
+                            }
+                            *done = None;
                         }
                     }
                     Poll::Ready(None) => {
@@ -161,44 +169,111 @@ pub struct Completion {
     log: Option<AccessLog>,
 }
 
-struct AccessLog {
-    method: Method,
-    host: String,
-    path: String,
-    status: u16,
-    started: Instant,
-    cluster: Arc<str>,
-    region: Arc<str>,
-    zone: Arc<str>,
-    endpoint: Arc<str>,
-    reason: Reason,
-    request_id: HeaderValue,
-    client: SocketAddr,
+/// One request's access-log record: gathered while the request is routed, written (target
+/// `access`, level info) when the response body ends, or at once for a response the
+/// router makes itself. Built only when `listener.access_log` is on.
+pub struct AccessLog {
+    pub method: Method,
+    pub host: String,
+    pub path: String,
+    pub status: u16,
+    pub started: Instant,
+    /// `None` when no route matched.
+    pub cluster: Option<Arc<str>>,
+    /// The serving zone and endpoint; `None` when no endpoint was tried.
+    pub region: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub endpoint: Option<Arc<str>>,
+    pub reason: Option<Reason>,
+    /// The `x-edge-error` kind of a response the router made itself.
+    pub error: Option<&'static str>,
+    pub request_id: HeaderValue,
+    pub client: SocketAddr,
+}
+
+impl AccessLog {
+    /// The record of a request as it arrives; the rest is filled in as it is routed.
+    pub fn new(
+        method: Method,
+        host: Option<&str>,
+        path: &str,
+        started: Instant,
+        request_id: &HeaderValue,
+        client: SocketAddr,
+    ) -> AccessLog {
+        AccessLog {
+            method,
+            host: host.unwrap_or_default().to_string(),
+            path: path.to_string(),
+            status: 0,
+            started,
+            cluster: None,
+            region: None,
+            zone: None,
+            endpoint: None,
+            reason: None,
+            error: None,
+            request_id: request_id.clone(),
+            client,
+        }
+    }
+
+    fn served_by(&mut self, zone: &crate::table::ZoneTable, endpoint: &Arc<str>, reason: Reason) {
+        self.region = Some(zone.region.clone());
+        self.zone = Some(zone.zone.clone());
+        self.endpoint = Some(endpoint.clone());
+        self.reason = Some(reason);
+    }
+
+    /// Writes the event. `bytes` is the response body sent; `complete` is false when the
+    /// client went away (or the upstream broke off) before the body ended.
+    pub fn emit(&self, bytes: u64, complete: bool) {
+        info!(
+            target: "access",
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status = self.status,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            bytes,
+            complete,
+            cluster = self.cluster.as_deref(),
+            region = self.region.as_deref(),
+            zone = self.zone.as_deref(),
+            endpoint = self.endpoint.as_deref(),
+            reason = self.reason.map(Reason::as_str),
+            error = self.error,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            client = %self.client,
+        );
+    }
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
         self.response_bytes.inc_by(self.bytes);
         if let Some(l) = &self.log {
-            info!(
-                target: "access",
-                method = %l.method,
-                host = %l.host,
-                path = %l.path,
-                status = l.status,
-                duration_ms = l.started.elapsed().as_secs_f64() * 1e3,
-                bytes = self.bytes,
-                complete = self.complete,
-                cluster = %l.cluster,
-                region = %l.region,
-                zone = %l.zone,
-                endpoint = %l.endpoint,
-                reason = l.reason.as_str(),
-                request_id = l.request_id.to_str().unwrap_or("-"),
-                client = %l.client,
-            );
+            l.emit(self.bytes, self.complete);
         }
     }
+}
+
+/// A response the router makes itself (see [`error_response`]), written to the access log
+/// when that is on.
+fn error_exit(
+    log: Option<AccessLog>,
+    status: StatusCode,
+    kind: &'static str,
+    msg: &str,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let resp = error_response(status, kind, msg, request_id);
+    if let Some(mut l) = log {
+        l.status = status.as_u16();
+        l.error = Some(kind);
+        l.emit(resp.body().size_hint().exact().unwrap_or(0), true);
+    }
+    resp
 }
 
 /// Entry point for every downstream request.
@@ -215,13 +290,20 @@ pub async fn handle(
         _ => new_request_id(),
     };
     let host = request_host(&req);
+    let mut log = table.config.listener.access_log.then(|| {
+        AccessLog::new(
+            req.method().clone(),
+            host.as_deref(),
+            req.uri().path(),
+            started,
+            &request_id,
+            client,
+        )
+    });
     let Some(route) = table.match_route(host.as_deref(), req.uri().path()) else {
-        state
-            .metrics
-            .errors
-            .with_label_values(&["", "no_route"])
-            .inc();
-        return Ok(error_response(
+        state.metrics.no_route.inc();
+        return Ok(error_exit(
+            log,
             StatusCode::NOT_FOUND,
             "no_route",
             "no route matches this host and path",
@@ -229,6 +311,9 @@ pub async fn handle(
         ));
     };
     let cluster = &table.clusters[route.cluster];
+    if let Some(l) = log.as_mut() {
+        l.cluster = Some(cluster.name.clone());
+    }
     let timeout = route.timeout;
     if is_upgrade(&req) {
         let mut resp = forward_upgrade(
@@ -257,6 +342,7 @@ pub async fn handle(
         started,
         timeout,
         route.hedge,
+        log,
     )
     .await;
     resp.headers_mut().insert(&X_REQUEST_ID, request_id);
@@ -275,6 +361,7 @@ async fn forward(
     started: Instant,
     timeout: Duration,
     hedge: bool,
+    mut log: Option<AccessLog>,
 ) -> Response<ResponseBody> {
     let cm = &cluster.runtime.metrics;
     let cfg = &cluster.config;
@@ -312,7 +399,8 @@ async fn forward(
             "endpoints_saturated"
         };
         cm.error(kind);
-        return error_response(
+        return error_exit(
+            log,
             StatusCode::SERVICE_UNAVAILABLE,
             kind,
             "no endpoint could take the request",
@@ -322,11 +410,6 @@ async fn forward(
 
     let (mut parts, body) = req.into_parts();
     let method = parts.method.clone();
-    let path_for_log = table
-        .config
-        .listener
-        .access_log
-        .then(|| parts.uri.path().to_string());
     prepare_upstream_headers(
         &mut parts.headers,
         client,
@@ -373,10 +456,14 @@ async fn forward(
     loop {
         let mut ep = pick.endpoint.state.clone();
         let mut zone = &cluster.zones[pick.zone];
+        if let Some(l) = log.as_mut() {
+            l.served_by(zone, &ep.label, pick.reason);
+        }
         let uri = match Uri::try_from(format!("{scheme}://{}{}", ep.addr, path_and_query)) {
             Ok(u) => u,
             Err(_) => {
-                return error_response(
+                return error_exit(
+                    log,
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     "request target is not valid",
@@ -414,6 +501,9 @@ async fn forward(
                 zone = &cluster.zones[pick.zone];
                 in_flight = b_in_flight;
                 sent = b_sent;
+                if let Some(l) = log.as_mut() {
+                    l.served_by(zone, &ep.label, pick.reason);
+                }
             }
             h.result
         } else {
@@ -432,20 +522,9 @@ async fn forward(
                     status.as_u16(),
                     started.elapsed().as_secs_f64(),
                 );
-                let log = path_for_log.map(|path| AccessLog {
-                    method,
-                    host: host.unwrap_or_default(),
-                    path,
-                    status: status.as_u16(),
-                    started,
-                    cluster: cluster.name.clone(),
-                    region: zone.region.clone(),
-                    zone: zone.zone.clone(),
-                    endpoint: ep.label.clone(),
-                    reason: pick.reason,
-                    request_id: request_id.clone(),
-                    client,
-                });
+                if let Some(l) = log.as_mut() {
+                    l.status = status.as_u16();
+                }
                 let route_header = table
                     .config
                     .listener
@@ -461,7 +540,8 @@ async fn forward(
                     .duration
                     .observe(started.elapsed().as_secs_f64());
                 cm.error("upstream_timeout");
-                return error_response(
+                return error_exit(
+                    log,
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
                     "the upstream did not answer in time",
@@ -504,7 +584,8 @@ async fn forward(
             .duration
             .observe(started.elapsed().as_secs_f64());
         cm.error(kind);
-        return error_response(
+        return error_exit(
+            log,
             StatusCode::BAD_GATEWAY,
             kind,
             "the upstream request failed",
@@ -830,13 +911,6 @@ pub fn error_response(
     );
     h.insert(&X_REQUEST_ID, request_id.clone());
     r
-}
-
-impl ClusterMetrics {
-    /// Error responses are rare; a label lookup here is fine.
-    fn error(&self, kind: &str) {
-        self.errors.with_label_values(&[&self.cluster, kind]).inc();
-    }
 }
 
 /// A served request's metric updates: three atomic adds on handles the table resolved.

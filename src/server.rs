@@ -121,6 +121,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     });
     metrics.table_generation.set(1);
     metrics.table_swaps.inc();
+    publish_zone_shares(&metrics, &router.table());
     metrics
         .config_reloads
         .with_label_values(&["success"])
@@ -461,6 +462,8 @@ impl Builder {
         };
         let mut old = std::mem::take(&mut self.watches);
         for (key, bounds) in wanted {
+            // Series at zero from the start, so dashboards and alerts see the name.
+            self.metrics.dns_name(key.1.name());
             let carried = match old.remove(&key) {
                 Some(w) if w.bounds == bounds && !fresh_resolver => {
                     self.watches.insert(key, w);
@@ -620,6 +623,18 @@ fn fingerprint(t: &Table) -> Vec<u64> {
     f
 }
 
+/// Sets `edge_router_zone_share` from a table about to be (or just) swapped in.
+fn publish_zone_shares(metrics: &Metrics, t: &Table) {
+    for c in &t.clusters {
+        for z in &c.zones {
+            metrics
+                .zone_share
+                .with_label_values(&[&c.name, &z.region, &z.zone])
+                .set(z.share);
+        }
+    }
+}
+
 fn rank_order(t: &Table) -> String {
     t.clusters
         .iter()
@@ -675,15 +690,7 @@ async fn builder_loop(router: Arc<Router>, mut builder: Builder) {
             router.generation.store(next_gen, Ordering::Relaxed);
             router.metrics.table_generation.set(next_gen as i64);
             router.metrics.table_swaps.inc();
-            for c in &table.clusters {
-                for z in &c.zones {
-                    router
-                        .metrics
-                        .zone_share
-                        .with_label_values(&[&c.name, &z.region, &z.zone])
-                        .set(z.share);
-                }
-            }
+            publish_zone_shares(&router.metrics, &table);
             router.proxy.table.store(Arc::new(table));
             if old_order != new_order {
                 info!(target: "table", generation = next_gen, "routing table swapped: {old_order}  =>  {new_order}");
@@ -764,11 +771,7 @@ async fn serve_data(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             // Over max_connections: close at once rather than queue without bound.
-            router
-                .metrics
-                .errors
-                .with_label_values(&["", "too_many_connections"])
-                .inc();
+            router.metrics.too_many_connections.inc();
             drop(stream);
             continue;
         };
