@@ -385,12 +385,15 @@ impl EndpointMetrics {
 
 /// The `x-edge-error` kinds a cluster's requests can end with; their counters are resolved
 /// (and shown at zero) when the cluster is set up.
-pub const CLUSTER_ERROR_KINDS: [&str; 5] = [
+pub const CLUSTER_ERROR_KINDS: [&str; 8] = [
     "no_endpoint",
     "endpoints_saturated",
+    "dial_limit",
     "upstream_connect_error",
+    "upstream_tls_error",
     "upstream_reset",
     "upstream_timeout",
+    "upgrade_unsupported",
 ];
 
 /// Handles for one cluster, resolved when the table is built.
