@@ -8,11 +8,6 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use edge_router::{config, demo, logging, server, status};
 
-// mimalloc: fewer cycles per allocation than glibc's malloc on the request path (see
-// docs/benchmarks.md for the measurement).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "edge-router",
