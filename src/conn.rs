@@ -277,7 +277,9 @@ pub async fn drive<C: GracefulConnection>(
     let grace = header_timeout.max(Duration::from_secs(1)).as_millis() as u64;
     let mut listener_gone = false;
     let ms = |d: Duration| (d.as_millis() as u64).max(1);
-    activity.header_ms.store(ms(header_timeout), Ordering::Relaxed);
+    activity
+        .header_ms
+        .store(ms(header_timeout), Ordering::Relaxed);
     activity.idle_ms.store(ms(idle_timeout), Ordering::Relaxed);
     loop {
         // Deciding: any change from now on wakes this loop again (see `wake_for`).
