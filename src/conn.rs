@@ -359,6 +359,32 @@ mod tests {
     }
 
     #[test]
+    fn the_watchdog_is_woken_only_when_a_deadline_moves_earlier() {
+        use futures_util::FutureExt;
+        let a = Activity::new();
+        let woken = |a: &Activity| a.wake.notified().now_or_never().is_some();
+        // Watchdog not running yet (timeouts unknown): always wake.
+        drop(a.begin(http::Version::HTTP_11));
+        assert!(woken(&a));
+        a.header_ms.store(500, Ordering::Relaxed);
+        a.idle_ms.store(2000, Ordering::Relaxed);
+        // The watchdog looks again before the idle deadline of the request that just ended:
+        // no wake-up.
+        a.wake_at.store(now_ms() + 400, Ordering::SeqCst);
+        drop(a.begin(http::Version::HTTP_11));
+        assert!(!woken(&a));
+        // It sleeps until after the head deadline of the next request's first byte: wake.
+        a.wake_at.store(now_ms() + 60_000, Ordering::SeqCst);
+        a.on_read();
+        assert!(woken(&a));
+        // While the watchdog decides (wake_at 0), every change wakes it.
+        drop(a.begin(http::Version::HTTP_11));
+        a.wake_at.store(0, Ordering::SeqCst);
+        a.on_read();
+        assert!(woken(&a));
+    }
+
+    #[test]
     fn http2_frames_between_requests_are_not_a_head() {
         let a = Activity::new();
         drop(a.begin(http::Version::HTTP_2));
