@@ -2,15 +2,12 @@
 # Profile edge-router's request path under load: one backend nginx (`return 200`) and wrk on
 # core 1, edge-router (one worker) on core 0, exactly as benches/compare.sh sets them up.
 #   benches/profile.sh perf      # perf record -e cpu-clock -g for DURATION, then perf report
-#   benches/profile.sh callgrind # valgrind --tool=callgrind over exactly REQUESTS requests
 #   benches/profile.sh cpu       # no profiler: CPU us/request from /proc over DURATION
-# Env: EDGE_ROUTER (target/release/edge-router), DURATION (10s), REQUESTS (20000),
-#      CONNS (64), OUT (target/profile), PORT_BASE (18180), WORKERS (1).
+# Env: EDGE_ROUTER (target/release/edge-router), DURATION (10s), CONNS (64), OUT (target/profile), PORT_BASE (18180), WORKERS (1).
 set -euo pipefail
 MODE=${1:-cpu}
 EDGE_ROUTER=${EDGE_ROUTER:-target/release/edge-router}
 DURATION=${DURATION:-10s}
-REQUESTS=${REQUESTS:-20000}
 CONNS=${CONNS:-64}
 WORKERS=${WORKERS:-1}
 OUT=${OUT:-target/profile}
@@ -57,11 +54,8 @@ path_prefix = "/"
 cluster = "backend"
 TOML
 taskset -c 1 nginx -c "$W/b/nginx.conf" -p "$W/b" 2>/dev/null & PIDS+=($!)
-case $MODE in
-  callgrind) taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
-               "$EDGE_ROUTER" run -c "$W/edge.toml" --workers "$WORKERS" >"$W/edge.log" 2>&1 & ;;
-  *) taskset -c 0 "$EDGE_ROUTER" run -c "$W/edge.toml" --workers "$WORKERS" >"$W/edge.log" 2>&1 & ;;
-esac
+case $MODE in perf|cpu) ;; *) echo "usage: benches/profile.sh cpu|perf" >&2; exit 2;; esac
+taskset -c 0 "$EDGE_ROUTER" run -c "$W/edge.toml" --workers "$WORKERS" >"$W/edge.log" 2>&1 &
 EPID=$!; PIDS+=($EPID)
 for _ in $(seq 1 300); do
   curl -sf -o /dev/null "http://127.0.0.1:$ADMIN/readyz" && curl -sf -o /dev/null "http://127.0.0.1:$EDGE/" && break
@@ -77,16 +71,6 @@ case $MODE in
     taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" "http://127.0.0.1:$EDGE/" | grep -E "Requests/sec|Latency"
     wait $PP || true
     perf report -i "$OUT/perf.data" --no-children --stdio --percent-limit 0.7 -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 | tee "$OUT/perf-top.txt"
-    ;;
-  callgrind)
-    # wrk cannot stop at a request count; a Lua script closes each connection's loop instead.
-    cat >"$W/n.lua" <<LUA
-local left = math.floor($REQUESTS / $CONNS)
-request = function() left = left - 1; if left < 0 then wrk.thread:stop() end; return wrk.format() end
-LUA
-    taskset -c 1 wrk -t1 -c"$CONNS" -d600s -s "$W/n.lua" "http://127.0.0.1:$EDGE/" | grep -E "requests in"
-    kill -INT $EPID; wait $EPID || true
-    callgrind_annotate --inclusive=no "$OUT/callgrind.out" 2>/dev/null | head -60 | tee "$OUT/callgrind-top.txt"
     ;;
   cpu)
     taskset -c 1 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$EDGE/" >/dev/null
