@@ -51,6 +51,13 @@ pub struct Activity {
     h2: AtomicBool,
     /// Wakes the watchdog when its deadline may have moved earlier.
     wake: Notify,
+    /// When the watchdog will look next (`now_ms()`), 0 while it is deciding or not running:
+    /// a deadline later than this needs no wake-up, so a busy keep-alive connection does
+    /// not wake its watchdog (and re-arm a timer) twice per request.
+    wake_at: AtomicU64,
+    /// The header and idle timeouts in ms, set by the watchdog (0 until it runs).
+    header_ms: AtomicU64,
+    idle_ms: AtomicU64,
 }
 
 impl Activity {
@@ -62,7 +69,19 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             h2: AtomicBool::new(false),
             wake: Notify::new(),
+            wake_at: AtomicU64::new(0),
+            header_ms: AtomicU64::new(0),
+            idle_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Wakes the watchdog unless it already looks at or before `now + after_ms`.
+    fn wake_for(&self, now: u64, after_ms: &AtomicU64) {
+        let after = after_ms.load(Ordering::Relaxed);
+        let at = self.wake_at.load(Ordering::SeqCst);
+        if after == 0 || at == 0 || at > now + after {
+            self.wake.notify_one();
+        }
     }
 
     fn on_read(&self) {
@@ -70,8 +89,9 @@ impl Activity {
             && !self.h2.load(Ordering::Relaxed)
             && self.head_since.load(Ordering::Relaxed) == 0
         {
-            self.head_since.store(now_ms().max(1), Ordering::Relaxed);
-            self.wake.notify_one();
+            let now = now_ms().max(1);
+            self.head_since.store(now, Ordering::SeqCst);
+            self.wake_for(now, &self.header_ms);
         }
     }
 
@@ -128,8 +148,9 @@ pub struct RequestGuard(Arc<Activity>);
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle_since.store(now_ms().max(1), Ordering::Relaxed);
-            self.0.wake.notify_one();
+            let now = now_ms().max(1);
+            self.0.idle_since.store(now, Ordering::SeqCst);
+            self.0.wake_for(now, &self.0.idle_ms);
         }
     }
 }
@@ -255,7 +276,15 @@ pub async fn drive<C: GracefulConnection>(
     // HTTP/2 client that ignores GOAWAY) before it is closed.
     let grace = header_timeout.max(Duration::from_secs(1)).as_millis() as u64;
     let mut listener_gone = false;
+    let ms = |d: Duration| (d.as_millis() as u64).max(1);
+    activity
+        .header_ms
+        .store(ms(header_timeout), Ordering::Relaxed);
+    activity.idle_ms.store(ms(idle_timeout), Ordering::Relaxed);
     loop {
+        // Deciding: any change from now on wakes this loop again (see `wake_for`).
+        activity.wake_at.store(0, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         let sig = if listener_gone {
             Signal::Drain
         } else {
@@ -288,8 +317,10 @@ pub async fn drive<C: GracefulConnection>(
             }
             Verdict::Wait(at) => at,
         };
+        activity.wake_at.store(wake_at.max(1), Ordering::SeqCst);
         let sleep = tokio::time::sleep(Duration::from_millis(wake_at.saturating_sub(now)));
         tokio::select! {
+            biased;
             _ = conn.as_mut() => return asked.unwrap_or(End::Closed),
             _ = sleep => {}
             _ = activity.wake.notified() => {}
@@ -325,6 +356,32 @@ mod tests {
         let head = a.head_since.load(Ordering::Relaxed);
         assert_ne!(head, 0);
         assert_eq!(a.check(head + 500, H, I), Verdict::SlowHead);
+    }
+
+    #[test]
+    fn the_watchdog_is_woken_only_when_a_deadline_moves_earlier() {
+        use futures_util::FutureExt;
+        let a = Activity::new();
+        let woken = |a: &Activity| a.wake.notified().now_or_never().is_some();
+        // Watchdog not running yet (timeouts unknown): always wake.
+        drop(a.begin(http::Version::HTTP_11));
+        assert!(woken(&a));
+        a.header_ms.store(500, Ordering::Relaxed);
+        a.idle_ms.store(2000, Ordering::Relaxed);
+        // The watchdog looks again before the idle deadline of the request that just ended:
+        // no wake-up.
+        a.wake_at.store(now_ms() + 400, Ordering::SeqCst);
+        drop(a.begin(http::Version::HTTP_11));
+        assert!(!woken(&a));
+        // It sleeps until after the head deadline of the next request's first byte: wake.
+        a.wake_at.store(now_ms() + 60_000, Ordering::SeqCst);
+        a.on_read();
+        assert!(woken(&a));
+        // While the watchdog decides (wake_at 0), every change wakes it.
+        drop(a.begin(http::Version::HTTP_11));
+        a.wake_at.store(0, Ordering::SeqCst);
+        a.on_read();
+        assert!(woken(&a));
     }
 
     #[test]

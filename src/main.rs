@@ -18,7 +18,8 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: logging::Format,
-    /// Worker threads of the runtime (default: one per core).
+    /// Worker threads of the runtime (default: one per core). With 1, the whole process runs
+    /// on one thread (tokio's current-thread scheduler): no cross-thread wake-ups.
     #[arg(long, global = true)]
     workers: Option<usize>,
     #[command(subcommand)]
@@ -125,10 +126,17 @@ fn with_runtime(
     workers: Option<usize>,
     fut: impl std::future::Future<Output = ExitCode>,
 ) -> ExitCode {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
+    let workers = workers.map(|n| n.max(1));
+    // One worker: the current-thread scheduler does the same work without the work-stealing
+    // machinery (measured in docs/benchmarks.md).
+    let mut b = if workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     b.enable_all();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
+    if let Some(n) = workers.filter(|n| *n > 1) {
+        b.worker_threads(n);
     }
     match b.build() {
         Ok(rt) => rt.block_on(fut),

@@ -459,7 +459,7 @@ async fn forward(
         if let Some(l) = log.as_mut() {
             l.served_by(zone, &ep.label, pick.reason);
         }
-        let uri = match Uri::try_from(format!("{scheme}://{}{}", ep.addr, path_and_query)) {
+        let uri = match upstream_uri(scheme, &ep.label, &path_and_query) {
             Ok(u) => u,
             Err(_) => {
                 return error_exit(
@@ -631,7 +631,7 @@ struct BackupParts<'a> {
 
 impl BackupParts<'_> {
     fn request(&self, addr: SocketAddr) -> Option<Request<RequestBody>> {
-        let uri = Uri::try_from(format!("{}://{addr}{}", self.scheme, self.path_and_query)).ok()?;
+        let uri = upstream_uri(self.scheme, &addr.to_string(), self.path_and_query).ok()?;
         let mut up = Request::new(RequestBody::Empty);
         *up.method_mut() = self.method.clone();
         *up.uri_mut() = uri;
@@ -778,6 +778,17 @@ fn finish_response(
         }
     };
     Response::from_parts(parts, body)
+}
+
+/// `scheme://addr/path?query` for the upstream request; `addr` is the endpoint's label (its
+/// socket address as text). Plain concatenation: `format!` costs more on every request.
+fn upstream_uri(scheme: &str, addr: &str, path_and_query: &str) -> Result<Uri, http::Error> {
+    let mut s = String::with_capacity(scheme.len() + 3 + addr.len() + path_and_query.len());
+    s.push_str(scheme);
+    s.push_str("://");
+    s.push_str(addr);
+    s.push_str(path_and_query);
+    Ok(Uri::try_from(s)?)
 }
 
 fn route_header(zone: &crate::table::ZoneTable, endpoint: &str, reason: Reason) -> HeaderValue {

@@ -237,20 +237,36 @@ impl TableBuilder {
             runtime,
             endpoints,
         } = input;
-        // Group endpoints by zone, keeping the first-seen order of zones.
+        // Group endpoints by zone, keeping the first-seen order of zones. Zones are few and
+        // an endpoint's region/zone names are shared `Arc`s, so a scan that compares
+        // pointers first (then text) beats hashing two strings per endpoint.
         let mut keys: Vec<ZoneKey> = Vec::new();
-        let mut groups: HashMap<ZoneKey, Vec<EndpointEntry>> = HashMap::new();
+        let mut grouped: Vec<Vec<EndpointEntry>> = Vec::new();
+        let mut last = 0usize;
         for e in endpoints {
-            let key = (e.state.region.clone(), e.state.zone.clone());
-            if !groups.contains_key(&key) {
-                keys.push(key.clone());
-            }
-            groups.entry(key).or_default().push(e);
+            let same = |k: &ZoneKey| {
+                (Arc::ptr_eq(&k.0, &e.state.region) || k.0 == e.state.region)
+                    && (Arc::ptr_eq(&k.1, &e.state.zone) || k.1 == e.state.zone)
+            };
+            let i = if keys.get(last).is_some_and(same) {
+                last
+            } else if let Some(i) = keys.iter().position(same) {
+                i
+            } else {
+                keys.push((e.state.region.clone(), e.state.zone.clone()));
+                grouped.push(Vec::new());
+                keys.len() - 1
+            };
+            last = i;
+            grouped[i].push(e);
         }
         let latency: HashMap<ZoneKey, Option<f64>> = keys
             .iter()
-            .map(|k| (k.clone(), zone_latency_ms(groups[k].iter())))
+            .zip(&grouped)
+            .map(|(k, g)| (k.clone(), zone_latency_ms(g.iter())))
             .collect();
+        let mut groups: HashMap<ZoneKey, Vec<EndpointEntry>> =
+            keys.iter().cloned().zip(grouped).collect();
 
         let order = self.rank(
             &cc.name,
