@@ -743,6 +743,7 @@ async fn serve_data(
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_buf_size(l.max_header_bytes)
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()
