@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -418,11 +419,12 @@ async fn forward(
         &parts.uri,
         &request_id,
     );
+    // A refcounted view of the request's own buffer: no copy, no second parse.
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let body_empty = body.is_end_stream();
     let idempotent = matches!(
         method,
@@ -623,7 +625,7 @@ fn hedge_delay(
 /// What a backup attempt needs to resend the request elsewhere.
 struct BackupParts<'a> {
     scheme: &'static str,
-    path_and_query: &'a str,
+    path_and_query: &'a PathAndQuery,
     method: &'a Method,
     version: Version,
     headers: &'a Option<HeaderMap>,
@@ -782,12 +784,30 @@ fn finish_response(
 
 /// `scheme://addr/path?query` for the upstream request; `addr` is the endpoint's label (its
 /// socket address as text). Plain concatenation: `format!` costs more on every request.
-fn upstream_uri(scheme: &str, addr: &str, path_and_query: &str) -> Result<Uri, http::Error> {
-    let mut s = String::with_capacity(scheme.len() + 3 + addr.len() + path_and_query.len());
+fn upstream_uri(
+    scheme: &'static str,
+    addr: &str,
+    path_and_query: &PathAndQuery,
+) -> Result<Uri, http::Error> {
+    let pq = path_and_query.as_str();
+    if pq.starts_with('/') {
+        // The usual origin-form target: reuse the parsed path, parse only the authority.
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(if scheme == "https" {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        });
+        p.authority = Some(Authority::try_from(addr)?);
+        p.path_and_query = Some(path_and_query.clone());
+        return Ok(Uri::from_parts(p)?);
+    }
+    // Anything else (`*`) goes through the full parser, which decides as before.
+    let mut s = String::with_capacity(scheme.len() + 3 + addr.len() + pq.len());
     s.push_str(scheme);
     s.push_str("://");
     s.push_str(addr);
-    s.push_str(path_and_query);
+    s.push_str(pq);
     Ok(Uri::try_from(s)?)
 }
 
@@ -860,12 +880,22 @@ fn prepare_upstream_headers(
     request_id: &HeaderValue,
 ) {
     remove_hop_by_hop(h);
-    let ip = client.ip().to_canonical().to_string();
+    let ip = client.ip().to_canonical();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+        Some(prev) if !prev.is_empty() => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
+        _ => {
+            // No prior hop: format the address on the stack, no String.
+            use std::io::Write;
+            let mut buf = [0u8; 64];
+            let mut w = &mut buf[..];
+            let n = match write!(w, "{ip}") {
+                Ok(()) => 64 - w.len(),
+                Err(_) => 0,
+            };
+            HeaderValue::from_bytes(&buf[..n]).ok()
+        }
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(&X_FORWARDED_FOR, v);
     }
     h.insert(
@@ -899,7 +929,10 @@ fn new_request_id() -> HeaderValue {
         buf[i * 2] = HEX[(byte >> 4) as usize];
         buf[i * 2 + 1] = HEX[(byte & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // One allocation that holds the bytes; the clones for the upstream request and the
+    // response are refcount increments.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// A response made by the router itself: short text, `x-edge-error` saying why.

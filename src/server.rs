@@ -743,6 +743,7 @@ async fn serve_data(
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_buf_size(l.max_header_bytes)
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()
@@ -839,24 +840,29 @@ async fn serve_connection(
             let c = builder.serve_connection_with_upgrades(io, svc);
             conn::drive(c, activity, signal, header_timeout, idle_timeout).await
         }
+        // Boxed: a TLS connection's state (rustls session inline) is larger than a plain
+        // one's, and unboxed it would size every plain connection's task too.
         Some(tls) => {
-            let acceptor = tls.acceptor();
-            // The handshake is bounded like a slow header: a client that stalls is cut off.
-            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => {
-                    let io = TokioIo::new(conn::Tracked::new(s, activity.clone()));
-                    let c = builder.serve_connection_with_upgrades(io, svc);
-                    conn::drive(c, activity, signal, header_timeout, idle_timeout).await
+            Box::pin(async move {
+                let acceptor = tls.acceptor();
+                // The handshake is bounded like a slow header: a client that stalls is cut off.
+                match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let io = TokioIo::new(conn::Tracked::new(s, activity.clone()));
+                        let c = builder.serve_connection_with_upgrades(io, svc);
+                        conn::drive(c, activity, signal, header_timeout, idle_timeout).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "tls handshake failed: {e}");
+                        conn::End::Closed
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "tls handshake timed out");
+                        conn::End::SlowHead
+                    }
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "tls handshake failed: {e}");
-                    conn::End::Closed
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "tls handshake timed out");
-                    conn::End::SlowHead
-                }
-            }
+            })
+            .await
         }
     }
 }

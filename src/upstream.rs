@@ -35,6 +35,7 @@ where
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(1024)
+        .http1_writev(false)
         .http2_only(cluster.http2)
         .build(connector)
 }
