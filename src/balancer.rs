@@ -211,9 +211,12 @@ fn p2c<'t>(
             // With unequal weights the peak average alone would fight them: it is close to
             // a recent maximum, so the endpoint that gets more requests (the heavier one)
             // sees more peaks and looks slower. There the draw stands unless the smoothed
-            // average agrees that `b` is clearly cheaper (a sustained slowdown or load).
-            let clearly = cost(eb) * 1.2 < cost(ea)
-                && (zone.cum_weights.is_empty() || smooth_cost(eb) * 1.2 < smooth_cost(ea));
+            // average agrees that `b` is clearly cheaper (a sustained slowdown or load), by a
+            // margin wide enough that scheduler noise on a busy host does not undo weights.
+            let weighted = !zone.cum_weights.is_empty();
+            let margin = if weighted { 1.5 } else { 1.2 };
+            let clearly = cost(eb) * margin < cost(ea)
+                && (!weighted || smooth_cost(eb) * margin < smooth_cost(ea));
             if clearly {
                 eb
             } else {
