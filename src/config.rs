@@ -66,6 +66,17 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_concurrent_streams: u32,
+    /// Which HTTP/1.1 implementation serves plain-TCP clients.
+    pub http1_engine: Http1Engine,
+}
+
+/// `listener.http1_engine`: the native path (src/h1) by default; `hyper` serves every
+/// connection with hyper, as before the native path existed (for comparison, or as a way
+/// back if the native path misbehaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http1Engine {
+    Native,
+    Hyper,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -260,6 +271,7 @@ mod raw {
         pub idle_timeout: Option<String>,
         pub drain_timeout: Option<String>,
         pub max_concurrent_streams: Option<i64>,
+        pub http1_engine: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -731,6 +743,16 @@ fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
             1,
             65_535,
         )? as u32,
+        http1_engine: match rl.http1_engine.as_deref() {
+            None | Some("native") => Http1Engine::Native,
+            Some("hyper") => Http1Engine::Hyper,
+            Some(other) => {
+                return Err(v.err(
+                    "listener.http1_engine",
+                    format!("\"{other}\" is not an engine (expected \"native\" or \"hyper\")"),
+                ))
+            }
+        },
     };
 
     let admin_addr = raw

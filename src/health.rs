@@ -149,6 +149,9 @@ pub struct EndpointState {
     ejections: AtomicU32,
     pub metrics: EndpointMetrics,
     shared: Arc<ClusterShared>,
+    /// Idle upstream connections of the native HTTP/1.1 path; they live and die with the
+    /// endpoint (a reload that keeps the endpoint keeps them).
+    pub idle: crate::upstream::IdlePool,
 }
 
 impl EndpointState {
@@ -182,6 +185,7 @@ impl EndpointState {
                 Arc::new(Notify::new()),
                 Arc::new(Events::new()),
             )),
+            idle: crate::upstream::IdlePool::default(),
         })
     }
 

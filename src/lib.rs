@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod discovery;
+pub mod h1;
 pub mod health;
 pub mod hedge;
 pub mod logging;

@@ -170,6 +170,28 @@ pub struct Completion {
     log: Option<AccessLog>,
 }
 
+impl Completion {
+    pub fn new(in_flight: InFlight, cm: &ClusterMetrics, log: Option<AccessLog>) -> Completion {
+        Completion {
+            _in_flight: in_flight,
+            bytes: 0,
+            complete: false,
+            response_bytes: cm.response_bytes.clone(),
+            log,
+        }
+    }
+
+    /// Body bytes sent to the client.
+    pub fn sent(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
+    /// The body ended: logged as complete when this is dropped.
+    pub fn complete(&mut self) {
+        self.complete = true;
+    }
+}
+
 /// One request's access-log record: gathered while the request is routed, written (target
 /// `access`, level info) when the response body ends, or at once for a response the
 /// router makes itself. Built only when `listener.access_log` is on.
@@ -219,7 +241,12 @@ impl AccessLog {
         }
     }
 
-    fn served_by(&mut self, zone: &crate::table::ZoneTable, endpoint: &Arc<str>, reason: Reason) {
+    pub(crate) fn served_by(
+        &mut self,
+        zone: &crate::table::ZoneTable,
+        endpoint: &Arc<str>,
+        reason: Reason,
+    ) {
         self.region = Some(zone.region.clone());
         self.zone = Some(zone.zone.clone());
         self.endpoint = Some(endpoint.clone());
@@ -366,47 +393,25 @@ async fn forward(
 ) -> Response<ResponseBody> {
     let cm = &cluster.runtime.metrics;
     let cfg = &cluster.config;
-    let max_in_flight = cfg.max_requests_per_endpoint;
     let shared = &cluster.runtime.shared;
     shared.retry_budget.deposit(
         cfg.retry.budget_ratio,
         crate::health::budget_cap(cfg.retry.min_retries_per_second),
     );
 
-    let first = match &cfg.affinity {
-        crate::config::Affinity::None => balancer::pick(cluster, max_in_flight),
-        crate::config::Affinity::SourceIp => match client.ip().to_canonical() {
-            std::net::IpAddr::V4(a) => balancer::pick_affinity(cluster, &a.octets(), max_in_flight),
-            std::net::IpAddr::V6(a) => balancer::pick_affinity(cluster, &a.octets(), max_in_flight),
-        },
-        crate::config::Affinity::Header(h) => match req.headers().get(h) {
-            Some(v) => balancer::pick_affinity(cluster, v.as_bytes(), max_in_flight),
-            None => balancer::pick(cluster, max_in_flight),
-        },
-    };
-    let Some(mut pick) = first else {
-        let served = cluster.slices.last().map_or(0.0, |s| s.upto);
-        let kind = if served < 1.0
-            && cluster
-                .zones
-                .iter()
-                .any(|z| z.dial < 100 && !z.candidates.is_empty())
-        {
-            // Refused by a strict dial (dial_fallback = false) with nowhere else to go.
-            "dial_limit"
-        } else if cluster.slices.is_empty() {
-            "no_endpoint"
-        } else {
-            "endpoints_saturated"
-        };
-        cm.error(kind);
-        return error_exit(
-            log,
-            StatusCode::SERVICE_UNAVAILABLE,
-            kind,
-            "no endpoint could take the request",
-            &request_id,
-        );
+    let affinity_key = affinity_header(cfg, req.headers());
+    let mut pick = match first_pick(cluster, client, affinity_key) {
+        Ok(p) => p,
+        Err(kind) => {
+            cm.error(kind);
+            return error_exit(
+                log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                kind,
+                NO_ENDPOINT,
+                &request_id,
+            );
+        }
     };
 
     let (mut parts, body) = req.into_parts();
@@ -537,11 +542,7 @@ async fn forward(
             Err(_) => {
                 ep.observe(timeout, cluster.decay);
                 ep.record_outcome(true, &cfg.outlier);
-                zone.metrics.count(504);
-                zone.metrics
-                    .duration
-                    .observe(started.elapsed().as_secs_f64());
-                cm.error("upstream_timeout");
+                count_failure(zone, cm, 504, "upstream_timeout", started);
                 return error_exit(
                     log,
                     StatusCode::GATEWAY_TIMEOUT,
@@ -568,24 +569,12 @@ async fn forward(
             cluster = %cluster.name, endpoint = %ep.label, zone = %zone.zone, error = %detail,
             "upstream request failed{}", if retryable { "; retrying" } else { "" }
         );
-        if retryable {
-            if shared.retry_budget.withdraw() {
-                if let Some(next) = balancer::pick_other(cluster, &ep, max_in_flight, Reason::Retry)
-                {
-                    cm.retries.inc();
-                    pick = next;
-                    attempt += 1;
-                    continue;
-                }
-            } else {
-                cm.retry_budget_exhausted.inc();
-            }
+        if let Some(next) = retry_pick(cluster, &ep, retryable) {
+            pick = next;
+            attempt += 1;
+            continue;
         }
-        zone.metrics.count(502);
-        zone.metrics
-            .duration
-            .observe(started.elapsed().as_secs_f64());
-        cm.error(kind);
+        count_failure(zone, cm, 502, kind, started);
         return error_exit(
             log,
             StatusCode::BAD_GATEWAY,
@@ -594,6 +583,94 @@ async fn forward(
             &request_id,
         );
     }
+}
+
+/// After a failed attempt that may go again: the endpoint for the retry (another zone
+/// first), if the cluster's retry budget allows one.
+pub fn retry_pick<'t>(
+    cluster: &'t ClusterTable<UpstreamClient>,
+    failed: &crate::health::EndpointState,
+    retryable: bool,
+) -> Option<balancer::Pick<'t>> {
+    if !retryable {
+        return None;
+    }
+    let cm = &cluster.runtime.metrics;
+    if !cluster.runtime.shared.retry_budget.withdraw() {
+        cm.retry_budget_exhausted.inc();
+        return None;
+    }
+    let max = cluster.config.max_requests_per_endpoint;
+    let next = balancer::pick_other(cluster, failed, max, Reason::Retry)?;
+    cm.retries.inc();
+    Some(next)
+}
+
+/// A request the router answers with an error after trying upstream: counted on the zone
+/// of the last attempt and on the cluster's errors.
+pub fn count_failure(
+    zone: &crate::table::ZoneTable,
+    cm: &ClusterMetrics,
+    code: u16,
+    kind: &'static str,
+    started: Instant,
+) {
+    zone.metrics.count(code);
+    zone.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    cm.error(kind);
+}
+
+/// The value of the cluster's affinity header in `headers`, when the cluster has one.
+fn affinity_header<'h>(
+    cfg: &crate::config::ClusterConfig,
+    headers: &'h HeaderMap,
+) -> Option<&'h [u8]> {
+    match &cfg.affinity {
+        crate::config::Affinity::Header(h) => headers.get(h).map(|v| v.as_bytes()),
+        _ => None,
+    }
+}
+
+/// The message of a 503 when no endpoint could take the request.
+pub const NO_ENDPOINT: &str = "no endpoint could take the request";
+
+/// A request's first pick under the cluster's affinity rule (`affinity_key`: the value of
+/// the affinity header, when the cluster has one and the request carries it). `Err` is the
+/// `x-edge-error` kind of the 503 when nothing can take it.
+pub fn first_pick<'t>(
+    cluster: &'t ClusterTable<UpstreamClient>,
+    client: SocketAddr,
+    affinity_key: Option<&[u8]>,
+) -> Result<balancer::Pick<'t>, &'static str> {
+    let max_in_flight = cluster.config.max_requests_per_endpoint;
+    let first = match (&cluster.config.affinity, affinity_key) {
+        (crate::config::Affinity::SourceIp, _) => match client.ip().to_canonical() {
+            std::net::IpAddr::V4(a) => balancer::pick_affinity(cluster, &a.octets(), max_in_flight),
+            std::net::IpAddr::V6(a) => balancer::pick_affinity(cluster, &a.octets(), max_in_flight),
+        },
+        (crate::config::Affinity::Header(_), Some(key)) => {
+            balancer::pick_affinity(cluster, key, max_in_flight)
+        }
+        _ => balancer::pick(cluster, max_in_flight),
+    };
+    first.ok_or_else(|| {
+        let served = cluster.slices.last().map_or(0.0, |s| s.upto);
+        if served < 1.0
+            && cluster
+                .zones
+                .iter()
+                .any(|z| z.dial < 100 && !z.candidates.is_empty())
+        {
+            // Refused by a strict dial (dial_fallback = false) with nowhere else to go.
+            "dial_limit"
+        } else if cluster.slices.is_empty() {
+            "no_endpoint"
+        } else {
+            "endpoints_saturated"
+        }
+    })
 }
 
 /// Tokens a hedge budget may save up: a quiet spell cannot fund a burst larger than this.
@@ -759,13 +836,7 @@ fn finish_response(
     if let Some(v) = route_header {
         parts.headers.insert(&X_EDGE_ROUTE, v);
     }
-    let done = Box::new(Completion {
-        _in_flight: in_flight,
-        bytes: 0,
-        complete: false,
-        response_bytes: cm.response_bytes.clone(),
-        log,
-    });
+    let done = Box::new(Completion::new(in_flight, cm, log));
     let body = if body.is_end_stream() {
         // Nothing will ever be polled: finish now rather than when hyper drops the body.
         drop(done);
@@ -850,7 +921,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in Connection.
 /// `te: trailers` is end-to-end in practice (gRPC needs it), so it stays.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.get(header::CONNECTION).cloned() {
+    // Every Connection line counts: options on a second line are hop-by-hop too.
+    let named: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+    for conn in named {
         if let Ok(list) = conn.to_str() {
             for name in list.split(',') {
                 let name = name.trim();
@@ -916,7 +989,7 @@ fn prepare_upstream_headers(
     h.insert(&X_REQUEST_ID, request_id.clone());
 }
 
-fn new_request_id() -> HeaderValue {
+pub(crate) fn new_request_id() -> HeaderValue {
     let (a, b) = (balancer::random_u64(), balancer::random_u64());
     let mut buf = [0u8; 32];
     const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -1029,30 +1102,19 @@ async fn forward_upgrade(
         cfg.retry.budget_ratio,
         crate::health::budget_cap(cfg.retry.min_retries_per_second),
     );
-    let first = match &cfg.affinity {
-        crate::config::Affinity::None => balancer::pick(cluster, max_in_flight),
-        crate::config::Affinity::SourceIp => {
-            let ip = client.ip().to_canonical().to_string();
-            balancer::pick_affinity(cluster, ip.as_bytes(), max_in_flight)
+    // The same pick as plain requests: a client's WebSocket lands where its requests do.
+    let affinity_key = affinity_header(cfg, req.headers());
+    let mut pick = match first_pick(cluster, client, affinity_key) {
+        Ok(p) => p,
+        Err(kind) => {
+            cm.error(kind);
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                kind,
+                NO_ENDPOINT,
+                request_id,
+            );
         }
-        crate::config::Affinity::Header(h) => match req.headers().get(h) {
-            Some(v) => balancer::pick_affinity(cluster, v.as_bytes(), max_in_flight),
-            None => balancer::pick(cluster, max_in_flight),
-        },
-    };
-    let Some(mut pick) = first else {
-        let kind = if cluster.slices.is_empty() {
-            "no_endpoint"
-        } else {
-            "endpoints_saturated"
-        };
-        cm.error(kind);
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            kind,
-            "no endpoint could take the request",
-            request_id,
-        );
     };
 
     let downstream = hyper::upgrade::on(&mut req);

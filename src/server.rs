@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{self, Config, EndpointAddress};
 use crate::conn;
 use crate::discovery::{Discovery, Target, TtlBounds};
+use crate::h1;
 use crate::health::{Events, Health, Wanted};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::{self, ProxyState, Table, UpstreamClient};
@@ -757,6 +758,12 @@ async fn serve_data(
     let (signal_tx, _) = watch::channel(conn::Signal::Run);
     let mut shutdown = router.shutdown_tx.subscribe();
     let timeouts = (l.header_read_timeout, l.idle_timeout);
+    // Plain-TCP HTTP/1.1 goes the native path unless the config asks for hyper throughout.
+    let native = (l.http1_engine == config::Http1Engine::Native).then_some(h1::Limits {
+        header_timeout: l.header_read_timeout,
+        idle_timeout: l.idle_timeout,
+        max_header_bytes: l.max_header_bytes,
+    });
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -785,7 +792,8 @@ async fn serve_data(
         let tls = tls.clone();
         let signal = signal_tx.subscribe();
         tokio::spawn(async move {
-            let end = serve_connection(stream, peer, state, builder, tls, signal, timeouts).await;
+            let end =
+                serve_connection(stream, peer, state, builder, tls, signal, timeouts, native).await;
             if end == conn::End::SlowHead {
                 metrics
                     .errors
@@ -814,16 +822,25 @@ async fn serve_data(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<ProxyState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<Arc<crate::tls::ReloadableServerTls>>,
-    signal: watch::Receiver<conn::Signal>,
+    mut signal: watch::Receiver<conn::Signal>,
     (header_timeout, idle_timeout): (Duration, Duration),
+    native: Option<h1::Limits>,
 ) -> conn::End {
     let https = tls.is_some();
+    let stream = match (&tls, native) {
+        (None, Some(limits)) => match h1::serve(stream, peer, &state, &mut signal, limits).await {
+            h1::Served::Ended(end) => return end,
+            h1::Served::Hyper(prefixed) => prefixed,
+        },
+        _ => h1::Prefixed::new(stream),
+    };
     let activity = conn::Activity::new();
     let act = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -835,10 +852,15 @@ async fn serve_connection(
         }
     });
     match tls {
+        // Boxed: hyper's connection state is only needed by connections the native path
+        // hands over, so it must not size every connection's task.
         None => {
-            let io = TokioIo::new(conn::Tracked::new(stream, activity.clone()));
-            let c = builder.serve_connection_with_upgrades(io, svc);
-            conn::drive(c, activity, signal, header_timeout, idle_timeout).await
+            Box::pin(async move {
+                let io = TokioIo::new(conn::Tracked::new(stream, activity.clone()));
+                let c = builder.serve_connection_with_upgrades(io, svc);
+                conn::drive(c, activity, signal, header_timeout, idle_timeout).await
+            })
+            .await
         }
         // Boxed: a TLS connection's state (rustls session inline) is larger than a plain
         // one's, and unboxed it would size every plain connection's task too.
@@ -846,6 +868,7 @@ async fn serve_connection(
             Box::pin(async move {
                 let acceptor = tls.acceptor();
                 // The handshake is bounded like a slow header: a client that stalls is cut off.
+                let stream = stream.into_inner();
                 match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
                         let io = TokioIo::new(conn::Tracked::new(s, activity.clone()));

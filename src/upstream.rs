@@ -99,3 +99,57 @@ pub fn describe_failure(e: &(dyn std::error::Error + 'static)) -> String {
         None => error_chain(e),
     }
 }
+
+/// Idle keep-alive connections to one endpoint, for the native HTTP/1.1 path
+/// ([`crate::h1`]). Last in, first out: the warmest connection goes next, and the ones at
+/// the bottom age out.
+#[derive(Default)]
+pub struct IdlePool {
+    conns: std::sync::Mutex<Vec<(tokio::net::TcpStream, std::time::Instant)>>,
+}
+
+/// Connections kept per endpoint, and for how long unused (hyper's pool used the same).
+const POOL_MAX_IDLE: usize = 1024;
+const POOL_IDLE_FOR: Duration = Duration::from_secs(90);
+
+impl IdlePool {
+    /// An idle connection that still looks open, if there is one.
+    pub fn take(&self) -> Option<tokio::net::TcpStream> {
+        loop {
+            let (conn, since) = self.conns.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if since.elapsed() < POOL_IDLE_FOR && looks_open(&conn) {
+                return Some(conn);
+            }
+        }
+    }
+
+    pub fn put(&self, conn: tokio::net::TcpStream) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if conns.len() < POOL_MAX_IDLE {
+            conns.push((conn, std::time::Instant::now()));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().map_or(0, |c| c.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Whether an idle upstream connection can take a request. An idle connection has nothing
+/// to read, so readiness (known to the reactor, no system call) means the peer closed it or
+/// sent something unasked; only then is a read tried to tell which.
+fn looks_open(conn: &tokio::net::TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    match conn.poll_read_ready(&mut cx) {
+        std::task::Poll::Pending => true,
+        std::task::Poll::Ready(Err(_)) => false,
+        std::task::Poll::Ready(Ok(())) => {
+            let mut b = [0u8; 1];
+            matches!(conn.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
+}
