@@ -105,13 +105,25 @@ pub async fn serve(
         };
         let head_deadline = since + limits.header_timeout;
         let table = state.table.load_full();
+        // The head is parsed once its end is in the buffer, and a small body awaited by
+        // length: a client trickling bytes costs a scan of each byte once, not a parse.
+        let mut scanned = 0usize;
+        let mut need = 0usize;
         let step = loop {
-            match prepare(&buf, &table, peer, limits.max_header_bytes, state) {
-                Step::Partial if buf.len() >= limits.max_header_bytes => {
-                    break Step::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            let ready = if need > 0 {
+                buf.len() >= need
+            } else {
+                head_end_seen(&buf, &mut scanned)
+            };
+            if ready {
+                match prepare(&buf, &table, peer, limits.max_header_bytes, state) {
+                    Step::Partial => {}
+                    Step::MoreBody(total) => need = total,
+                    step => break step,
                 }
-                Step::Partial | Step::MoreBody => {}
-                step => break step,
+            }
+            if need == 0 && buf.len() >= limits.max_header_bytes {
+                break Step::Refuse(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
             }
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(BUF_SIZE);
@@ -124,7 +136,7 @@ pub async fn serve(
         };
         served += 1;
         let keep = match step {
-            Step::Partial | Step::MoreBody => {
+            Step::Partial | Step::MoreBody(_) => {
                 unreachable!("the loop above ends only on a complete request")
             }
             Step::Hyper => {
@@ -167,6 +179,19 @@ pub async fn serve(
     }
 }
 
+/// Whether `buf` holds the blank line that ends a head (CRLF CRLF, or bare LFs as httparse
+/// accepts them). `scanned` carries over what was already searched.
+fn head_end_seen(buf: &[u8], scanned: &mut usize) -> bool {
+    let from = scanned.saturating_sub(2);
+    *scanned = buf.len();
+    let tail = &buf[from..];
+    tail.iter().enumerate().any(|(i, b)| {
+        *b == b'\n'
+            && (tail.get(i + 1) == Some(&b'\n')
+                || (tail.get(i + 1) == Some(&b'\r') && tail.get(i + 2) == Some(&b'\n')))
+    })
+}
+
 /// Resolves when the connection must close now (the drain timed out).
 async fn closed(signal: &mut watch::Receiver<Signal>) {
     loop {
@@ -179,8 +204,8 @@ async fn closed(signal: &mut watch::Receiver<Signal>) {
 enum Step<'t> {
     /// The head is not complete yet.
     Partial,
-    /// The head is complete; the (small) body is not.
-    MoreBody,
+    /// The head is complete; the (small) body is not: the request needs this many bytes.
+    MoreBody(usize),
     /// Not for this path: hand the connection to hyper.
     Hyper,
     /// A malformed head: this status, then close.
@@ -381,7 +406,7 @@ fn prepare<'t>(
     let body_bytes = match body {
         Framing::Length(n) if (avail as u64) < n => {
             return if n <= SMALL_BODY {
-                Step::MoreBody
+                Step::MoreBody(head_len + n as usize)
             } else {
                 Step::Hyper
             };
@@ -1132,5 +1157,33 @@ impl AsyncWrite for Prefixed {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_head_is_found_across_reads_of_any_size() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for step in 1..head.len() {
+            let mut scanned = 0;
+            let mut seen_at = None;
+            for end in (step..=head.len()).step_by(step).chain([head.len()]) {
+                if head_end_seen(&head[..end], &mut scanned) {
+                    seen_at = Some(end);
+                    break;
+                }
+            }
+            assert_eq!(seen_at, Some(head.len()), "reads of {step} bytes");
+        }
+        let mut scanned = 0;
+        assert!(head_end_seen(b"GET / HTTP/1.1\nHost: a\n\n", &mut scanned));
+        let mut scanned = 0;
+        assert!(!head_end_seen(
+            b"GET / HTTP/1.1\r\nHost: a\r\n",
+            &mut scanned
+        ));
     }
 }
