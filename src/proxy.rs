@@ -989,9 +989,9 @@ fn prepare_upstream_headers(
     h.insert(&X_REQUEST_ID, request_id.clone());
 }
 
-pub(crate) fn new_request_id() -> HeaderValue {
+/// 32 random hex digits: a new request id.
+pub(crate) fn fill_request_id(buf: &mut [u8; 32]) {
     let (a, b) = (balancer::random_u64(), balancer::random_u64());
-    let mut buf = [0u8; 32];
     const HEX: &[u8; 16] = b"0123456789abcdef";
     for (i, byte) in a
         .to_be_bytes()
@@ -1002,6 +1002,11 @@ pub(crate) fn new_request_id() -> HeaderValue {
         buf[i * 2] = HEX[(byte >> 4) as usize];
         buf[i * 2 + 1] = HEX[(byte & 0xf) as usize];
     }
+}
+
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; 32];
+    fill_request_id(&mut buf);
     // One allocation that holds the bytes; the clones for the upstream request and the
     // response are refcount increments.
     HeaderValue::from_maybe_shared(Bytes::from_owner(buf))

@@ -164,11 +164,10 @@ pub async fn serve(
             }
             Step::Forward(f) => {
                 let draining = *signal.borrow() != Signal::Run;
-                let fut = Box::pin(forward(&mut stream, &mut buf, f, limits, draining));
-                tokio::select! {
-                    keep = fut => keep,
-                    _ = closed(signal) => return Served::Ended(End::Drained),
-                }
+                // Boxed: a request's state is only needed while it is in flight, so it does
+                // not size the task of every idle connection. (A drain that times out ends
+                // with the runtime, which drops in-flight requests.)
+                Box::pin(forward(&mut stream, &mut buf, f, limits, draining)).await
             }
         };
         if !keep {
@@ -190,15 +189,6 @@ fn head_end_seen(buf: &[u8], scanned: &mut usize) -> bool {
             && (tail.get(i + 1) == Some(&b'\n')
                 || (tail.get(i + 1) == Some(&b'\r') && tail.get(i + 2) == Some(&b'\n')))
     })
-}
-
-/// Resolves when the connection must close now (the drain timed out).
-async fn closed(signal: &mut watch::Receiver<Signal>) {
-    loop {
-        if *signal.borrow_and_update() == Signal::Close || signal.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 enum Step<'t> {
@@ -227,7 +217,7 @@ struct ErrorReply {
     status: StatusCode,
     kind: &'static str,
     msg: &'static str,
-    request_id: HeaderValue,
+    request_id: RequestId,
     log: Option<AccessLog>,
 }
 
@@ -266,6 +256,44 @@ impl ErrorReply {
     }
 }
 
+/// A request's id, inline: the client's `x-request-id` (up to 128 bytes) or a new one.
+/// Made into a `HeaderValue` (an allocation) only for the access log.
+struct RequestId {
+    buf: [u8; 128],
+    len: u8,
+}
+
+impl RequestId {
+    fn new(client: Option<&[u8]>) -> RequestId {
+        let mut id = RequestId {
+            buf: [0; 128],
+            len: 0,
+        };
+        // httparse let the value through, so its bytes are valid in a header value.
+        match client {
+            Some(v) if !v.is_empty() && v.len() <= 128 => {
+                id.buf[..v.len()].copy_from_slice(v);
+                id.len = v.len() as u8;
+            }
+            _ => {
+                let mut hex = [0u8; 32];
+                proxy::fill_request_id(&mut hex);
+                id.buf[..32].copy_from_slice(&hex);
+                id.len = 32;
+            }
+        }
+        id
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+
+    fn header(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
 fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -287,7 +315,7 @@ fn refusal(status: StatusCode) -> Vec<u8> {
 /// A request on its way upstream: its head already rewritten for the upstream.
 struct Forward<'t> {
     head_len: usize,
-    upstream_head: Vec<u8>,
+    upstream_head: Scratch,
     body: Framing,
     /// The body's length without framing (it is all in the buffer).
     body_bytes: u64,
@@ -299,7 +327,7 @@ struct Forward<'t> {
     pick: Pick<'t>,
     timeout: Duration,
     started: Instant,
-    request_id: HeaderValue,
+    request_id: RequestId,
     log: Option<AccessLog>,
     route_header: bool,
 }
@@ -430,15 +458,17 @@ fn prepare<'t>(
     };
     let path = target.split('?').next().unwrap_or(target);
 
-    let request_id = match rid {
-        Some(v) if !v.is_empty() && v.len() <= 128 => {
-            HeaderValue::from_bytes(v).unwrap_or_else(|_| proxy::new_request_id())
-        }
-        _ => proxy::new_request_id(),
-    };
+    let request_id = RequestId::new(rid);
     let mut log = table.config.listener.access_log.then(|| {
         let m = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
-        AccessLog::new(m, Some(&route_host), path, started, &request_id, peer)
+        AccessLog::new(
+            m,
+            Some(&route_host),
+            path,
+            started,
+            &request_id.header(),
+            peer,
+        )
     });
     // A body this path will not read: answer, then close.
     let close = body != Framing::None || conn.close;
@@ -496,7 +526,7 @@ fn prepare<'t>(
 
     // The upstream head: the request line, the end-to-end headers as sent (names in their
     // case, Host kept), then the forwarding headers and the framing this path writes itself.
-    let mut up = Vec::with_capacity(head_len + 160);
+    let mut up = Scratch::take();
     up.extend_from_slice(method.as_bytes());
     up.push(b' ');
     up.extend_from_slice(target.as_bytes());
@@ -828,7 +858,7 @@ struct ResponseStart {
     /// The upstream keeps the connection open after this response.
     upstream_keep_alive: bool,
     /// The client head without the router's own headers and the final CRLF.
-    out: Vec<u8>,
+    out: Scratch,
     has_date: bool,
 }
 
@@ -885,7 +915,7 @@ fn response_start(rbuf: &[u8], head_method: bool) -> io::Result<Option<ResponseS
             None => Framing::Close,
         }
     };
-    let mut out = Vec::with_capacity(head_len + 128);
+    let mut out = Scratch::take();
     out.extend_from_slice(b"HTTP/1.1 ");
     wire::put_u64(&mut out, u64::from(status));
     out.push(b' ');
@@ -936,7 +966,7 @@ async fn respond(
     head: Head,
     mut done: Completion,
     ep: &crate::health::EndpointState,
-    request_id: &HeaderValue,
+    request_id: &RequestId,
     route: Option<(&crate::table::ZoneTable, &str, Reason)>,
     keep: bool,
     limits: Limits,
@@ -1060,9 +1090,61 @@ fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
 
 /// `write_all`, bounded: a client that does not read for `timeout` is cut off.
 async fn write_all(s: &mut TcpStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    // Usually the socket takes it all at once: no timer, no clock read.
+    let bytes = match s.try_write(bytes) {
+        Ok(n) if n == bytes.len() => return Ok(()),
+        Ok(n) => &bytes[n..],
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => bytes,
+        Err(e) => return Err(e),
+    };
     match tokio::time::timeout(timeout, s.write_all(bytes)).await {
         Ok(r) => r,
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// A byte vector for a message head, reused per thread: heads are built for every request.
+struct Scratch(Vec<u8>);
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    fn take() -> Scratch {
+        Scratch(
+            SCRATCH
+                .with(|s| s.borrow_mut().pop())
+                .unwrap_or_else(|| Vec::with_capacity(1024)),
+        )
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.0);
+        if v.capacity() <= 4 * BUF_SIZE {
+            v.clear();
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < BUF_CACHE {
+                    s.push(v);
+                }
+            });
+        }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
     }
 }
 
