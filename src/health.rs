@@ -734,6 +734,11 @@ async fn probe_loop(
         };
         let rtt = started.elapsed();
         ep.metrics.probe_duration.observe(rtt.as_secs_f64());
+        if result.is_ok() {
+            ep.idle.expire();
+        } else {
+            ep.idle.clear();
+        }
         let (ok, detail) = match result {
             Ok(()) => {
                 ep.observe(rtt, decay);

@@ -130,6 +130,19 @@ impl IdlePool {
         }
     }
 
+    /// Drops connections idle too long or closed by the upstream. The endpoint's prober calls
+    /// this each probe, so an endpoint that gets no traffic does not keep sockets the upstream
+    /// closed (CLOSE_WAIT) until someone takes them.
+    pub fn expire(&self) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|(c, since)| since.elapsed() < POOL_IDLE_FOR && looks_open(c));
+    }
+
+    /// Drops every idle connection (the endpoint failed a probe: they are likely dead too).
+    pub fn clear(&self) {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     pub fn len(&self) -> usize {
         self.conns.lock().map_or(0, |c| c.len())
     }
@@ -151,5 +164,43 @@ fn looks_open(conn: &tokio::net::TcpStream) -> bool {
             let mut b = [0u8; 1];
             matches!(conn.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pooled connection the upstream closed is not handed out, and the prober's sweep
+    /// drops it even when nobody asks for one.
+    #[tokio::test]
+    async fn closed_idle_connections_are_neither_taken_nor_kept() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pool = IdlePool::default();
+        let mut server_side = Vec::new();
+        for _ in 0..3 {
+            let c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (s, _) = listener.accept().await.expect("accept");
+            server_side.push(s);
+            pool.put(c);
+        }
+        assert_eq!(pool.len(), 3);
+        // The upstream closes two of them; the reactor learns of it when it next polls.
+        drop(server_side.remove(0));
+        drop(server_side.remove(0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            pool.expire();
+            if pool.len() == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{} left", pool.len());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(pool.take().is_some(), "the open one is handed out");
+        assert!(pool.take().is_none());
     }
 }
