@@ -443,6 +443,11 @@ const HEALTH_OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 impl RawUpstream {
     async fn start(h: Handler) -> RawUpstream {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(l, h)
+    }
+
+    /// On a given listener (one with a deeper accept queue than the default 128).
+    fn start_on(l: TcpListener, h: Handler) -> RawUpstream {
         let addr = l.local_addr().expect("addr");
         let st = Arc::new(UpState::default());
         let s2 = st.clone();
@@ -1005,6 +1010,10 @@ async fn http10_closes_without_keep_alive_and_keeps_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_requests_on_one_connection_reuse_upstream_connections() {
     bounded(async {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("warn")
+            .with_test_writer()
+            .try_init();
         let b = Backend::start("a", 0).await;
         let r = TestRouter::start(&config(&[endpoint(&b, "r1", "r1a")], "", "")).await;
         r.wait_all_healthy().await;
@@ -1642,6 +1651,572 @@ async fn request_targets_are_forwarded_unchanged_and_absolute_form_becomes_origi
             assert_eq!(q.header("host"), Some("test.local"), "{abs}");
             assert_eq!(q.version, "HTTP/1.1");
         }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The native path (src/h1): timers, body boundaries, hand-offs to hyper, drain, load.
+
+/// Reads until the router closes the connection; the bytes read, or None if it is still
+/// open after `within`.
+async fn read_until_closed(c: &mut Conn, within: Duration) -> Option<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, c.rd.fill()).await {
+            Ok(false) => return Some(std::mem::take(&mut c.rd.buf)),
+            Ok(true) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The value of the first sample of `name` whose line mentions every one of `labels`.
+async fn metric_value(r: &TestRouter, name: &str, labels: &[&str]) -> f64 {
+    let text = common::get(&r.admin_url("/metrics")).await.body;
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .next()
+        .unwrap_or(0.0)
+}
+
+// N1. Slow and trickled heads.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_heads_are_served_and_unfinished_heads_are_cut_at_the_header_timeout() {
+    bounded(async {
+        let timeout = Duration::from_secs(2);
+        let (up, r) = setup(
+            |q| Action::Reply(echo_reply(q)),
+            "header_read_timeout = \"2s\"",
+        )
+        .await;
+        let trickle = |target: &str| {
+            format!("GET {target} HTTP/1.1\r\nHost: test.local\r\nX-Pad: abcdefghij\r\n\r\n")
+                .into_bytes()
+        };
+        // A head in 3-byte writes, 10 ms apart (about 0.2 s in all), twice on one connection:
+        // the first request of a connection and a keep-alive one.
+        let mut c = Conn::open(r.addr).await;
+        for target in ["/trickle/1", "/trickle/2"] {
+            let started = Instant::now();
+            for part in trickle(target).chunks(3) {
+                c.send(part).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            eprintln!("{target}: head trickled in {:?}", started.elapsed());
+            let resp = c.read(false).await;
+            assert_eq!((resp.status, resp.text().as_str()), (200, target));
+            assert_eq!(up.last().header("x-pad"), Some("abcdefghij"));
+        }
+
+        // A head that starts and never ends: the first request of a connection...
+        let started = Instant::now();
+        let mut slow = Conn::open(r.addr).await;
+        slow.send("GET /never/1 HTTP/1.1\r\nHost: te").await;
+        // ...and one on a keep-alive connection that already served a request.
+        let mut slow2 = Conn::open(r.addr).await;
+        slow2.send(get("/before-slow")).await;
+        assert_eq!(slow2.read(false).await.status, 200);
+        let started2 = Instant::now();
+        slow2.send("GET /never/2 HTTP/1.1\r\nHo").await;
+        // Others are served meanwhile.
+        let mut other = Conn::open(r.addr).await;
+        other.send(get("/meanwhile")).await;
+        assert_eq!(other.read(false).await.status, 200);
+        for (what, conn, since) in [
+            ("first", &mut slow, started),
+            ("keep-alive", &mut slow2, started2),
+        ] {
+            let got = read_until_closed(conn, Duration::from_secs(15))
+                .await
+                .unwrap_or_else(|| {
+                    panic!("{what}: an unfinished head kept the connection open 15 s")
+                });
+            let took = since.elapsed();
+            eprintln!(
+                "{what}: unfinished head closed after {took:?}, {} bytes sent back",
+                got.len()
+            );
+            assert!(
+                got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+                "{what}: unexpected answer to an unfinished head: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            // Not cut before its time (the timer starts at the connection's accept or at the
+            // head's first byte, both after `since`).
+            assert!(
+                took >= timeout - Duration::from_millis(100),
+                "{what}: closed after {took:?}"
+            );
+        }
+        assert!(
+            up.seen().iter().all(|q| !q.target.starts_with("/never")),
+            "an unfinished head reached the upstream"
+        );
+        // Still serving, and the cut connections were counted.
+        let mut after = Conn::open(r.addr).await;
+        after.send(get("/after")).await;
+        assert_eq!(after.read(false).await.text(), "/after");
+        let counted = metric_value(&r, "edge_router_errors_total", &["header_timeout"]).await;
+        assert!(counted >= 2.0, "header timeouts counted: {counted}");
+    })
+    .await;
+}
+
+// N2. Keep-alive idle timeout.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_after_idle_timeout_busy_ones_stay() {
+    bounded(async {
+        let (_up, r) = setup(|q| Action::Reply(echo_reply(q)), "idle_timeout = \"1s\"").await;
+        let mut idle = Conn::open(r.addr).await;
+        idle.send(get("/once")).await;
+        assert_eq!(idle.read(false).await.text(), "/once");
+        // Watched while the busy connection below is served.
+        let since = Instant::now();
+        let watch = tokio::spawn(async move {
+            let got = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+            (got, since.elapsed())
+        });
+
+        // Meanwhile a busy connection: a request every 300 ms for more than 2 s.
+        let mut busy = Conn::open(r.addr).await;
+        let busy_start = Instant::now();
+        let mut n = 0;
+        while busy_start.elapsed() < Duration::from_millis(2300) {
+            n += 1;
+            let target = format!("/busy/{n}");
+            busy.send(get(&target)).await;
+            let resp = busy.read(false).await;
+            assert_eq!((resp.status, resp.text()), (200, target.clone()));
+            assert!(resp.header("connection").is_none(), "{:?}", resp.headers);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // One more after the last pause: the connection is still open past 2 s.
+        busy.send(get("/busy/last")).await;
+        assert_eq!(busy.read(false).await.text(), "/busy/last");
+        eprintln!(
+            "busy connection: {} requests over {:?}",
+            n + 1,
+            busy_start.elapsed()
+        );
+
+        let (got, took) = watch.await.expect("join");
+        let got =
+            got.expect("an idle keep-alive connection stayed open 10 s with idle_timeout 1 s");
+        eprintln!("idle connection closed {took:?} after its response");
+        assert!(
+            got.is_empty(),
+            "bytes on an idle connection: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(
+            took >= Duration::from_millis(500),
+            "closed after {took:?}, before its idle timeout"
+        );
+    })
+    .await;
+}
+
+// N3. Request body sizes around the native path's in-hand limit (16 KiB).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_around_16k_sent_in_two_parts_arrive_exact_and_keep_the_connection() {
+    bounded(async {
+        let (up, r) = setup(
+            |q| {
+                if q.method == "POST" {
+                    Action::Reply(ok(q.body.len().to_string().as_bytes(), ""))
+                } else {
+                    Action::Reply(echo_reply(q))
+                }
+            },
+            "",
+        )
+        .await;
+        for n in [0usize, 1, 16383, 16384, 16385, 200_000] {
+            let body = pattern(n, n as u8);
+            let target = format!("/size/{n}");
+            let mut c = Conn::open(r.addr).await;
+            let mut first = format!(
+                "POST {target} HTTP/1.1\r\nHost: test.local\r\nContent-Length: {n}\r\n\r\n"
+            )
+            .into_bytes();
+            let split = n / 2;
+            first.extend_from_slice(&body[..split]);
+            c.send(&first).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if split < n {
+                c.send(&body[split..]).await;
+            }
+            let resp = c.read(false).await;
+            assert_eq!(
+                (resp.status, resp.text()),
+                (200, n.to_string()),
+                "{n} bytes"
+            );
+            let q = up
+                .seen()
+                .into_iter()
+                .find(|q| q.target == target)
+                .unwrap_or_else(|| panic!("{n} bytes: the upstream saw no request"));
+            assert_eq!(q.method, "POST");
+            assert!(
+                q.body == body,
+                "{n} bytes: the body differs at the upstream ({} bytes)",
+                q.body.len()
+            );
+            if n > 0 {
+                assert_eq!(
+                    q.header("content-length"),
+                    Some(n.to_string().as_str()),
+                    "{n} bytes"
+                );
+            } else {
+                assert!(
+                    matches!(q.header("content-length"), None | Some("0")),
+                    "{:?}",
+                    q.headers
+                );
+            }
+            // The same connection serves the next request.
+            let next = format!("/after/{n}");
+            c.send(get(&next)).await;
+            let resp = c.read(false).await;
+            assert_eq!((resp.status, resp.text()), (200, next), "after {n} bytes");
+        }
+        assert!(up.errors().is_empty(), "{:?}", up.errors());
+    })
+    .await;
+}
+
+// N4. A hand-off to hyper in the middle of a connection.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_then_expect_continue_then_get_on_one_connection_are_answered_in_order() {
+    bounded(async {
+        let (up, r) = setup(
+            |q| {
+                if q.method == "POST" {
+                    Action::Reply(ok(&q.body, &format!("x-path: {}\r\n", q.target)))
+                } else {
+                    Action::Reply(echo_reply(q))
+                }
+            },
+            "",
+        )
+        .await;
+        let mut c = Conn::open(r.addr).await;
+        c.send(get("/one")).await;
+        let resp = c.read(false).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, "/one"));
+
+        let body = pattern(3000, 5);
+        c.send(format!(
+            "POST /two HTTP/1.1\r\nHost: test.local\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        ))
+        .await;
+        let interim = c.read(false).await;
+        assert_eq!(interim.status, 100, "{:?}", interim.headers);
+        c.send(&body).await;
+        let resp = loop {
+            let r = c.read(false).await;
+            if r.status >= 200 {
+                break r;
+            }
+        };
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("x-path"), Some("/two"));
+        assert!(resp.body == body, "the echoed body differs");
+
+        c.send(get("/three")).await;
+        let resp = c.read(false).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, "/three"));
+
+        let seen: Vec<(String, usize)> = up
+            .seen()
+            .iter()
+            .map(|q| (q.target.clone(), q.body.len()))
+            .collect();
+        assert_eq!(
+            seen,
+            [("/one".to_string(), 0), ("/two".to_string(), 3000), ("/three".to_string(), 0)]
+        );
+        assert!(up.last().body.is_empty());
+    })
+    .await;
+}
+
+// N5. Pipelined POSTs.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_posts_then_a_get_are_answered_in_order_with_their_bodies() {
+    bounded(async {
+        let (up, r) = setup(
+            |q| Action::Reply(ok(&q.body, &format!("x-path: {}\r\n", q.target))),
+            "",
+        )
+        .await;
+        let bodies: Vec<Vec<u8>> = vec![
+            b"alpha".to_vec(),
+            Vec::new(),
+            pattern(1000, 1),
+            b"{\"k\":1}".to_vec(),
+            pattern(4000, 2),
+        ];
+        let mut all = Vec::new();
+        for (i, b) in bodies.iter().enumerate() {
+            all.extend_from_slice(
+                format!(
+                    "POST /pp/{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: {}\r\n\r\n",
+                    b.len()
+                )
+                .as_bytes(),
+            );
+            all.extend_from_slice(b);
+        }
+        all.extend_from_slice(get("/pp/get").as_bytes());
+        let mut c = Conn::open(r.addr).await;
+        c.send(&all).await;
+        for (i, b) in bodies.iter().enumerate() {
+            let resp = c.read(false).await;
+            assert_eq!(resp.status, 200, "request {i}");
+            assert_eq!(resp.header("x-path"), Some(format!("/pp/{i}").as_str()));
+            assert!(resp.body == *b, "request {i}: the echoed body differs");
+        }
+        let resp = c.read(false).await;
+        assert_eq!((resp.status, resp.header("x-path")), (200, Some("/pp/get")));
+        assert!(resp.body.is_empty());
+
+        let seen = up.seen();
+        let targets: Vec<&str> = seen.iter().map(|q| q.target.as_str()).collect();
+        assert_eq!(
+            targets,
+            ["/pp/0", "/pp/1", "/pp/2", "/pp/3", "/pp/4", "/pp/get"]
+        );
+        for (i, b) in bodies.iter().enumerate() {
+            assert_eq!(seen[i].method, "POST");
+            assert!(
+                seen[i].body == *b,
+                "request {i}: the body differs at the upstream"
+            );
+        }
+        assert_eq!(seen[5].method, "GET");
+        // Still usable.
+        c.send(get("/pp/last")).await;
+        assert_eq!(c.read(false).await.header("x-path"), Some("/pp/last"));
+    })
+    .await;
+}
+
+// N6. listener.http1_engine.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_engine_hyper_serves_and_a_bogus_engine_is_refused_by_check() {
+    bounded(async {
+        let (up, r) = setup(
+            |q| Action::Reply(ok(&q.body, &format!("x-path: {}\r\n", q.target))),
+            "http1_engine = \"hyper\"",
+        )
+        .await;
+        let mut c = Conn::open(r.addr).await;
+        for i in 0..3 {
+            let target = format!("/hyper/{i}");
+            c.send(format!(
+                "POST {target} HTTP/1.1\r\nHost: test.local\r\nX-Forwarded-For: 10.1.2.3\r\nContent-Length: 5\r\n\r\nhello"
+            ))
+            .await;
+            let resp = c.read(false).await;
+            assert_eq!((resp.status, resp.text().as_str()), (200, "hello"));
+            assert_eq!(resp.header("x-path"), Some(target.as_str()));
+            let q = up.last();
+            assert_eq!(q.target, target);
+            assert_eq!(q.header("x-forwarded-for"), Some("10.1.2.3, 127.0.0.1"));
+            assert_eq!(q.header("x-forwarded-proto"), Some("http"));
+            assert_eq!(q.header("x-forwarded-host"), Some("test.local"));
+            let rid = q.header("x-request-id").expect("x-request-id upstream");
+            assert_eq!(resp.header("x-request-id"), Some(rid));
+            assert!(resp.header("x-edge-route").is_some(), "{:?}", resp.headers);
+        }
+
+        // `edge-router check` on the same config with each engine value.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let check = |engine: &str| {
+            let path = dir.path().join(format!("{engine}.toml"));
+            let text = config(
+                &[raw_endpoint("127.0.0.1:9".parse().expect("addr"))],
+                "",
+                &format!("http1_engine = \"{engine}\""),
+            );
+            std::fs::write(&path, text).expect("write config");
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-router"))
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .expect("run edge-router check");
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+        };
+        for good in ["native", "hyper"] {
+            let (code, err) = check(good);
+            assert_eq!(code, Some(0), "{good}: {err}");
+        }
+        let (code, err) = check("bogus");
+        eprintln!("check with http1_engine = \"bogus\": exit {code:?}: {err}");
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("listener.http1_engine"), "{err}");
+    })
+    .await;
+}
+
+// N7. Drain on the native path.
+
+/// A slow request in flight on one keep-alive connection and another keep-alive connection
+/// idle when the router is told to shut down: the slow one is answered whole, with
+/// `connection: close`, then closed; the idle one is closed; the drain ends.
+async fn drain_case(listener_extra: &str) {
+    let (up, r) = setup(
+        |q| {
+            let d = if q.target == "/slow" { 1500 } else { 0 };
+            Action::Delayed(Duration::from_millis(d), echo_reply(q))
+        },
+        &format!("drain_timeout = \"15s\"\n{listener_extra}"),
+    )
+    .await;
+    let addr = r.addr;
+    let mut busy = Conn::open(addr).await;
+    busy.send(get("/warm/busy")).await;
+    assert_eq!(busy.read(false).await.text(), "/warm/busy");
+    let mut idle = Conn::open(addr).await;
+    idle.send(get("/warm/idle")).await;
+    assert_eq!(idle.read(false).await.text(), "/warm/idle");
+
+    busy.send(get("/slow")).await;
+    wait_until(
+        "the slow request reached the upstream",
+        Duration::from_secs(10),
+        || async { up.seen().iter().any(|q| q.target == "/slow") },
+    )
+    .await;
+    // TestRouter::stop: Router::shutdown (what SIGTERM does), then waits for the drain.
+    let stopping = tokio::spawn(r.stop());
+
+    let got = read_until_closed(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an idle keep-alive connection stayed open 10 s into the drain");
+    assert!(
+        got.is_empty(),
+        "bytes on the idle connection: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        !stopping.is_finished(),
+        "the drain ended with a request in flight"
+    );
+    let resp = busy.read(false).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "/slow"));
+    assert!(
+        tokens(&resp.headers, "connection").contains(&"close".to_string()),
+        "a response finished during the drain must say connection: close: {:?}",
+        resp.headers
+    );
+    busy.expect_closed().await;
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the router did not finish draining")
+        .expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG: src/h1 decides `connection: close` when a request starts (`draining` in serve), so a response that finishes during a drain lacks it; the connection is closed right after instead"]
+async fn drain_finishes_the_request_in_flight_with_close_and_closes_idle_connections() {
+    bounded(drain_case("")).await;
+}
+
+/// The same with hyper serving HTTP/1.1: the behaviour the native path must match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_with_the_hyper_engine_finishes_the_request_in_flight_with_close() {
+    bounded(drain_case("http1_engine = \"hyper\"")).await;
+}
+
+// N8. Many connections.
+
+/// `conns` connections at once, each doing `per_conn` GETs in turn; every response must be
+/// 200 with its own target echoed. Returns how many were.
+async fn many_connections(r: &TestRouter, conns: usize, per_conn: usize) -> usize {
+    let addr = r.addr;
+    let mut tasks = JoinSet::new();
+    for i in 0..conns {
+        tasks.spawn(async move {
+            let mut c = Conn::open(addr).await;
+            let mut ok = 0;
+            for j in 0..per_conn {
+                let target = format!("/many/{i}/{j}");
+                c.send(get(&target)).await;
+                let resp = c.read(false).await;
+                if resp.status == 200 && resp.text() == target {
+                    ok += 1;
+                } else if ok + 3 > j {
+                    eprintln!("conn {i} request {j}: {} {:?}", resp.status, resp.text());
+                }
+            }
+            ok
+        });
+    }
+    let mut ok = 0;
+    while let Some(n) = tasks.join_next().await {
+        ok += n.expect("client task");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_connections_of_five_requests_all_succeed_and_in_flight_returns_to_zero() {
+    bounded(async {
+        // An upstream with a deep accept queue: 300 connections may arrive at once.
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let up = RawUpstream::start_on(
+            sock.listen(4096).expect("listen"),
+            Arc::new(|q: &UpReq| Action::Reply(echo_reply(q))),
+        );
+        let r = TestRouter::start(&config(&[raw_endpoint(up.addr)], "", "")).await;
+        r.wait_all_healthy().await;
+        let ok = many_connections(&r, 300, 5).await;
+        eprintln!(
+            "300 x 5: {ok} answered 200; upstream accepted {} connections",
+            up.st.accepted.load(Ordering::SeqCst)
+        );
+        assert_eq!(ok, 1500, "requests answered 200 with their own target");
+        assert_eq!(up.seen().len(), 1500);
+        assert!(up.errors().is_empty(), "{:?}", up.errors());
+        wait_until("in-flight back to 0", Duration::from_secs(10), || async {
+            in_flight(&r).await == 0
+        })
+        .await;
+    })
+    .await;
+}
+
+/// The same against an upstream whose accept queue is the usual 128 (Rust std, mio, many
+/// servers). When written: the hyper engine passed it 3 of 3 runs; the native path failed
+/// 4 of 4 (22 to 153 of the 1500 requests 502, "connect: connect timed out" in the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "BUG (timing-dependent): the native path opens one upstream connection per concurrent client at once; against a backlog-128 upstream ~128 of 300 connects are dropped, time out at connect_timeout 1 s and end as 502 upstream_connect_error"]
+async fn three_hundred_connections_to_an_upstream_with_a_128_backlog_all_succeed() {
+    bounded(async {
+        let up = RawUpstream::start(Arc::new(|q: &UpReq| Action::Reply(echo_reply(q)))).await;
+        let r = TestRouter::start(&config(&[raw_endpoint(up.addr)], "", "")).await;
+        r.wait_all_healthy().await;
+        let ok = many_connections(&r, 300, 5).await;
+        eprintln!(
+            "300 x 5, backlog 128: {ok} answered 200; upstream accepted {} connections",
+            up.st.accepted.load(Ordering::SeqCst)
+        );
+        assert_eq!(ok, 1500, "requests answered 200 with their own target");
     })
     .await;
 }
