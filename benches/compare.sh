@@ -26,6 +26,9 @@ Throughput mode (default) options; each also readable from the environment:
   --plain             FORWARD_HEADERS=0: nginx/HAProxy do not add the forwarding
                       headers edge-router always adds (default: they do, equal work)
   --proxies "LIST"    PROXIES     subset/order of: nginx haproxy edge-router baseline
+                                  edge-router-hyper (edge-router with
+                                  listener.http1_engine = "hyper": the A/B of its own
+                                  HTTP/1.1 engine, in the same run)
   --results FILE      RESULTS     markdown results file (default
                                   target/bench-compare/compare-<time>.md)
   --quick                         1 round, 3s runs, 1s warm-up (a smoke test)
@@ -92,10 +95,10 @@ done
 [[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die2 "DURATION must look like 10s, got '$DURATION'"
 [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die2 "WARMUP must look like 3s, got '$WARMUP'"
 for p in $PROXIES; do
-  case "$p" in nginx|haproxy|edge-router|baseline) ;; *) die2 "unknown proxy '$p' in PROXIES" ;; esac
+  case "$p" in nginx|haproxy|edge-router|edge-router-hyper|baseline) ;; *) die2 "unknown proxy '$p' in PROXIES" ;; esac
 done
 if [ "$SKIP_EDGE" = 1 ]; then
-  PROXIES=$(for p in $PROXIES; do [ "$p" = edge-router ] || printf '%s ' "$p"; done)
+  PROXIES=$(for p in $PROXIES; do case "$p" in edge-router*) ;; *) printf '%s ' "$p" ;; esac; done)
 fi
 MODE=throughput; [ "$IDLE_CONNS" -gt 0 ] && MODE=idle
 if [ "$MODE" = idle ]; then PROXIES=$(for p in $PROXIES; do [ "$p" = baseline ] || printf '%s ' "$p"; done); fi
@@ -121,15 +124,16 @@ if [ "$PROXY_CORE" -ge "$NCPU" ] || [ "$LOAD_CORE" -ge "$NCPU" ] || [ "$PROXY_CO
   die2 "need two distinct cores PROXY_CORE=$PROXY_CORE LOAD_CORE=$LOAD_CORE (this machine has $NCPU)"
 fi
 EDGE_ON=0
-case " $PROXIES " in *" edge-router "*) EDGE_ON=1 ;; esac
+case " $PROXIES " in *" edge-router "*|*" edge-router-hyper "*) EDGE_ON=1 ;; esac
 if [ "$EDGE_ON" = 1 ] && [ ! -x "$EDGE_ROUTER" ]; then
   die2 "edge-router binary not found at $EDGE_ROUTER: build it (cargo build --release), point EDGE_ROUTER at it, or pass --skip-edge / SKIP_EDGE=1"
 fi
 [ "$EDGE_ON" = 1 ] || echo "note: edge-router is not measured in this run (SKIP_EDGE=1 or not in PROXIES)"
 
 PORT_BACKEND=$PORT_BASE
-declare -A PORT=( [nginx]=$((PORT_BASE + 1)) [haproxy]=$((PORT_BASE + 2)) [edge-router]=$((PORT_BASE + 3)) [baseline]=$PORT_BASE )
+declare -A PORT=( [nginx]=$((PORT_BASE + 1)) [haproxy]=$((PORT_BASE + 2)) [edge-router]=$((PORT_BASE + 3)) [edge-router-hyper]=$((PORT_BASE + 4)) [baseline]=$PORT_BASE )
 PORT_EDGE_ADMIN=$((PORT_BASE + 13))
+PORT_EDGE_HYPER_ADMIN=$((PORT_BASE + 14))
 CLK_TCK=$(getconf CLK_TCK)
 # Is irq/softirq time kept out of the tasks' utime+stime (then not in "CPU us/req")?
 IRQ_SEPARATE=0
@@ -251,7 +255,7 @@ nginx_http_common() {
 EOF
 }
 
-mkdir -p "$W/backend" "$W/nginx" "$W/haproxy" "$W/edge-router" "$W/runs"
+mkdir -p "$W/backend" "$W/nginx" "$W/haproxy" "$W/edge-router" "$W/edge-router-hyper" "$W/runs"
 { nginx_common "$W/backend"; cat <<EOF
 http {
 $(nginx_http_common "$W/backend")
@@ -362,6 +366,10 @@ zone = "local-a"
 path_prefix = "/"
 cluster = "backend"
 EOF
+# The same router with every connection through hyper (the engine before src/h1).
+sed -e "s/^address = \"127.0.0.1:${PORT[edge-router]}\"/address = \"127.0.0.1:${PORT[edge-router-hyper]}\"\nhttp1_engine = \"hyper\"/" \
+    -e "s/^address = \"127.0.0.1:$PORT_EDGE_ADMIN\"/address = \"127.0.0.1:$PORT_EDGE_HYPER_ADMIN\"/" \
+    "$W/edge-router/edge.toml" >"$W/edge-router-hyper/edge.toml"
 
 # ---------------------------------------------------------------- start / wait
 start() { # name core logfile cmd... : start pinned, in the background, remember the pid
@@ -403,11 +411,13 @@ start_proxy() {
       haproxy -c -q -f "$W/haproxy/haproxy.cfg" >"$W/haproxy/t.log" 2>&1 || fail "haproxy config rejected" "$W/haproxy/t.log"
       start haproxy "$PROXY_CORE" "$W/haproxy/stdout.log" haproxy -db -f "$W/haproxy/haproxy.cfg"
       wait_ready haproxy "${PORT[haproxy]}" / 10 "$W/haproxy/stdout.log" ;;
-    edge-router)
-      start edge-router "$PROXY_CORE" "$W/edge-router/stdout.log" "$EDGE_ROUTER" run -c "$W/edge-router/edge.toml" --workers 1
-      wait_ready edge-router "${PORT[edge-router]}" / 20 "$W/edge-router/stdout.log"
+    edge-router|edge-router-hyper)
+      local admin=$PORT_EDGE_ADMIN
+      [ "$1" = edge-router-hyper ] && admin=$PORT_EDGE_HYPER_ADMIN
+      start "$1" "$PROXY_CORE" "$W/$1/stdout.log" "$EDGE_ROUTER" run -c "$W/$1/edge.toml" --workers 1
+      wait_ready "$1" "${PORT[$1]}" / 20 "$W/$1/stdout.log"
       local deadline=$((SECONDS + 10))
-      until [ "$(http_status "$PORT_EDGE_ADMIN" /readyz)" = 200 ]; do
+      until [ "$(http_status "$admin" /readyz)" = 200 ]; do
         [ $SECONDS -ge $deadline ] && { echo "warning: edge-router /readyz is not 200 after 10s; measuring anyway" >&2; break; }
         sleep 0.05
       done ;;

@@ -106,7 +106,18 @@ pub fn describe_failure(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Default)]
 pub struct IdlePool {
     conns: std::sync::Mutex<Vec<(tokio::net::TcpStream, std::time::Instant)>>,
+    /// Connects under way to this endpoint.
+    dialing: std::sync::atomic::AtomicUsize,
+    /// Signalled when a connection comes back or a connect ends.
+    freed: tokio::sync::Notify,
 }
+
+/// Connects under way to one endpoint at a time, at most. A burst of new clients would
+/// otherwise open one upstream connection each at the same instant; past the upstream's
+/// listen backlog the kernel drops the SYNs and those connects stall for a second (the SYN
+/// retransmit). Requests beyond the cap take the first connection that comes back or the
+/// next free connect slot, whichever is first.
+const MAX_DIALS: usize = 16;
 
 /// Connections kept per endpoint, and for how long unused (hyper's pool used the same).
 const POOL_MAX_IDLE: usize = 1024;
@@ -124,10 +135,45 @@ impl IdlePool {
     }
 
     pub fn put(&self, conn: tokio::net::TcpStream) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if conns.len() < POOL_MAX_IDLE {
-            conns.push((conn, std::time::Instant::now()));
+        {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            if conns.len() < POOL_MAX_IDLE {
+                conns.push((conn, std::time::Instant::now()));
+            }
         }
+        self.freed.notify_one();
+    }
+
+    /// A connection to `addr`: an idle one (`true`: reused), or a new one with Nagle off.
+    /// Waits its turn when [`MAX_DIALS`] connects are under way; the caller bounds the wait.
+    pub async fn acquire(
+        &self,
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> std::io::Result<(tokio::net::TcpStream, bool)> {
+        use std::sync::atomic::Ordering;
+        loop {
+            if let Some(c) = self.take() {
+                return Ok((c, true));
+            }
+            if self.dialing.fetch_add(1, Ordering::AcqRel) < MAX_DIALS {
+                let _slot = DialSlot(self);
+                return dial(addr, connect_timeout).await.map(|c| (c, false));
+            }
+            self.dialing.fetch_sub(1, Ordering::AcqRel);
+            // A connection returned or a connect ended between the checks above and this
+            // wait left a permit in `freed`: no wake-up is lost.
+            self.freed.notified().await;
+        }
+    }
+
+    /// A new connection to `addr`, not counted against the connect cap: for a pooled
+    /// connection found closed, whose request already holds its turn.
+    pub async fn dial(
+        addr: std::net::SocketAddr,
+        connect_timeout: Duration,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        dial(addr, connect_timeout).await
     }
 
     /// Drops connections idle too long or closed by the upstream. The endpoint's prober calls
@@ -149,6 +195,35 @@ impl IdlePool {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Gives a connect slot back, however the connect ended (or was dropped on a timeout).
+struct DialSlot<'a>(&'a IdlePool);
+
+impl Drop for DialSlot<'_> {
+    fn drop(&mut self) {
+        self.0
+            .dialing
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+async fn dial(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<tokio::net::TcpStream> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
     }
 }
 

@@ -2130,7 +2130,6 @@ async fn drain_case(listener_extra: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: src/h1 decides `connection: close` when a request starts (`draining` in serve), so a response that finishes during a drain lacks it; the connection is closed right after instead"]
 async fn drain_finishes_the_request_in_flight_with_close_and_closes_idle_connections() {
     bounded(drain_case("")).await;
 }
@@ -2205,7 +2204,6 @@ async fn three_hundred_connections_of_five_requests_all_succeed_and_in_flight_re
 /// servers). When written: the hyper engine passed it 3 of 3 runs; the native path failed
 /// 4 of 4 (22 to 153 of the 1500 requests 502, "connect: connect timed out" in the log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG (timing-dependent): the native path opens one upstream connection per concurrent client at once; against a backlog-128 upstream ~128 of 300 connects are dropped, time out at connect_timeout 1 s and end as 502 upstream_connect_error"]
 async fn three_hundred_connections_to_an_upstream_with_a_128_backlog_all_succeed() {
     bounded(async {
         let up = RawUpstream::start(Arc::new(|q: &UpReq| Action::Reply(echo_reply(q)))).await;

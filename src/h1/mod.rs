@@ -163,11 +163,10 @@ pub async fn serve(
                 !close
             }
             Step::Forward(f) => {
-                let draining = *signal.borrow() != Signal::Run;
                 // Boxed: a request's state is only needed while it is in flight, so it does
                 // not size the task of every idle connection. (A drain that times out ends
                 // with the runtime, which drops in-flight requests.)
-                Box::pin(forward(&mut stream, &mut buf, f, limits, draining)).await
+                Box::pin(forward(&mut stream, &mut buf, f, limits, signal)).await
             }
         };
         if !keep {
@@ -631,8 +630,11 @@ async fn forward(
     buf: &mut BytesMut,
     f: Forward<'_>,
     limits: Limits,
-    draining: bool,
+    signal: &watch::Receiver<Signal>,
 ) -> bool {
+    // Read when the answer is written: a drain that began meanwhile closes the connection
+    // with `connection: close`.
+    let draining = || *signal.borrow() != Signal::Run;
     let Forward {
         head_len,
         upstream_head,
@@ -694,7 +696,7 @@ async fn forward(
                 }
                 let route = route_header.then(|| (zone, &*ep.label, pick.reason));
                 // The client's connection stays open only if its request was read whole.
-                let keep = !client_close && !draining && request_body.is_done();
+                let keep = !client_close && !draining() && request_body.is_done();
                 let done = Completion::new(in_flight, cm, log);
                 return respond(client, head, done, &ep, &request_id, route, keep, limits).await;
             }
@@ -715,8 +717,13 @@ async fn forward(
                     request_id,
                     log,
                 };
-                return reply_error(client, r, request_body.is_done() && !client_close, limits)
-                    .await;
+                return reply_error(
+                    client,
+                    r,
+                    request_body.is_done() && !client_close && !draining(),
+                    limits,
+                )
+                .await;
             }
             Failure::Connect(e) => (true, e),
             Failure::Reset(e) => (false, e),
@@ -751,7 +758,13 @@ async fn forward(
             request_id,
             log,
         };
-        return reply_error(client, r, request_body.is_done() && !client_close, limits).await;
+        return reply_error(
+            client,
+            r,
+            request_body.is_done() && !client_close && !draining(),
+            limits,
+        )
+        .await;
     }
 }
 
@@ -785,16 +798,17 @@ async fn send(
         Cow::Owned(v)
     };
     buf.advance(n);
-    let mut pooled = ep.idle.take();
+    let (mut conn, mut reused) = ep
+        .idle
+        .acquire(ep.addr, connect_timeout)
+        .await
+        .map_err(Failure::Connect)?;
     loop {
-        let reused = pooled.is_some();
-        let mut conn = match pooled.take() {
-            Some(c) => c,
-            None => connect(ep.addr, connect_timeout).await?,
-        };
         if let Err(e) = conn.write_all(&first).await {
             // Nothing reached a pooled connection the upstream had closed: a new one.
             if reused {
+                conn = redial(ep, connect_timeout).await?;
+                reused = false;
                 continue;
             }
             return Err(Failure::Reset(e));
@@ -832,21 +846,18 @@ async fn send(
         }
         // The pooled connection was closed under us: once more on a new one.
         give_buf(rbuf);
+        conn = redial(ep, connect_timeout).await?;
+        reused = false;
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) => Err(Failure::Connect(e)),
-        Err(_) => Err(Failure::Connect(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "connect timed out",
-        ))),
-    }
+async fn redial(
+    ep: &crate::health::EndpointState,
+    connect_timeout: Duration,
+) -> Result<TcpStream, Failure> {
+    crate::upstream::IdlePool::dial(ep.addr, connect_timeout)
+        .await
+        .map_err(Failure::Connect)
 }
 
 /// A parsed upstream response head, rewritten for the client.
