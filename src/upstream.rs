@@ -102,10 +102,22 @@ pub fn describe_failure(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Idle keep-alive connections to one endpoint, for the native HTTP/1.1 path
 /// ([`crate::h1`]). Last in, first out: the warmest connection goes next, and the ones at
-/// the bottom age out.
+/// the bottom age out. One stack per pool shard (see [`set_pool_shard`]).
 #[derive(Default)]
 pub struct IdlePool {
-    conns: std::sync::Mutex<Vec<(tokio::net::TcpStream, std::time::Instant)>>,
+    conns: std::sync::Mutex<Vec<Vec<(tokio::net::TcpStream, std::time::Instant)>>>,
+}
+
+thread_local! {
+    static POOL_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Puts the calling thread's idle upstream connections in their own shard. A thread that runs
+/// its own runtime (thread-per-core data plane) calls this: a connection is registered with the
+/// reactor of the runtime that opened it, so handing it to another runtime would route every
+/// readiness event through that other thread. Threads of one multi-thread runtime share shard 0.
+pub fn set_pool_shard(shard: usize) {
+    POOL_SHARD.with(|s| s.set(shard));
 }
 
 /// Connections kept per endpoint, and for how long unused (hyper's pool used the same).
@@ -116,7 +128,13 @@ impl IdlePool {
     /// An idle connection that still looks open, if there is one.
     pub fn take(&self) -> Option<tokio::net::TcpStream> {
         loop {
-            let (conn, since) = self.conns.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let shard = POOL_SHARD.with(|s| s.get());
+            let (conn, since) = self
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(shard)?
+                .pop()?;
             if since.elapsed() < POOL_IDLE_FOR && looks_open(&conn) {
                 return Some(conn);
             }
@@ -124,14 +142,21 @@ impl IdlePool {
     }
 
     pub fn put(&self, conn: tokio::net::TcpStream) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let shard = POOL_SHARD.with(|s| s.get());
+        let mut shards = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if shards.len() <= shard {
+            shards.resize_with(shard + 1, Vec::new);
+        }
+        let conns = &mut shards[shard];
         if conns.len() < POOL_MAX_IDLE {
             conns.push((conn, std::time::Instant::now()));
         }
     }
 
     pub fn len(&self) -> usize {
-        self.conns.lock().map_or(0, |c| c.len())
+        self.conns
+            .lock()
+            .map_or(0, |c| c.iter().map(Vec::len).sum())
     }
 
     pub fn is_empty(&self) -> bool {
