@@ -32,6 +32,12 @@ enum Command {
     Run {
         #[arg(short, long)]
         config: PathBuf,
+        /// Data plane as one thread per worker (--workers N, default one per core), each with
+        /// its own current-thread runtime and its own listener socket (SO_REUSEPORT: the kernel
+        /// spreads connections); admin, probes and DNS run on the main thread. Without it, one
+        /// multi-thread runtime runs everything. No effect with --workers 1.
+        #[arg(long)]
+        thread_per_core: bool,
     },
     /// Parse and validate a config file, print a one-line summary.
     Check {
@@ -80,7 +86,10 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            thread_per_core,
+        } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -89,7 +98,24 @@ fn main() -> ExitCode {
                 }
             };
             let _guard = logging::init(cli.log_format);
-            with_runtime(cli.workers, run(cfg, Some(config)))
+            let per_core = thread_per_core
+                .then(|| {
+                    cli.workers.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    })
+                })
+                .filter(|n| *n > 1);
+            match per_core {
+                // The control plane needs no more than one thread.
+                Some(n) => with_runtime(
+                    Some(1),
+                    run(cfg, Some(config), server::DataPlane::PerCore(n)),
+                ),
+                None => with_runtime(
+                    cli.workers,
+                    run(cfg, Some(config), server::DataPlane::Shared),
+                ),
+            }
         }
         Command::Demo {
             listen,
@@ -147,8 +173,8 @@ fn with_runtime(
     }
 }
 
-async fn run(cfg: config::Config, path: Option<PathBuf>) -> ExitCode {
-    let running = match server::start(cfg, path).await {
+async fn run(cfg: config::Config, path: Option<PathBuf>, plane: server::DataPlane) -> ExitCode {
+    let running = match server::start_with(cfg, path, plane).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");

@@ -72,14 +72,49 @@ impl Running {
     }
 }
 
+/// Where the data plane runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPlane {
+    /// On the runtime that calls [`start_with`], from one listener socket.
+    Shared,
+    /// On N threads, each a current-thread runtime accepting from its own listener socket
+    /// (SO_REUSEPORT: the kernel spreads connections); the control plane stays on the caller's
+    /// runtime. One router: one table, one metrics registry, one health state.
+    PerCore(usize),
+}
+
 /// Binds both listeners and starts every task.
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+    start_with(config, config_path, DataPlane::Shared).await
+}
+
+/// [`start`], with the data plane where `plane` says.
+pub async fn start_with(
+    config: Config,
+    config_path: Option<PathBuf>,
+    plane: DataPlane,
+) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let events = Arc::new(Events::new());
     let health = Arc::new(Health::new(metrics.clone(), events.clone()));
 
-    let data_listener = bind(config.listener.address, "listener.address").await?;
-    let admin_listener = bind(config.admin.address, "admin.address").await?;
+    let key = "listener.address";
+    let (data_listener, per_core) = match plane {
+        DataPlane::PerCore(n) if n > 1 => {
+            // The first socket settles the port (the config may say 0); the others join it.
+            let first = bind(config.listener.address, key, true).await?;
+            let addr = first
+                .local_addr()
+                .map_err(|e| StartError(format!("{key}: {e}")))?;
+            let mut more = Vec::new();
+            for _ in 1..n {
+                more.push(bind(addr, key, true).await?);
+            }
+            (first, Some(more))
+        }
+        _ => (bind(config.listener.address, key, false).await?, None),
+    };
+    let admin_listener = bind(config.admin.address, "admin.address", false).await?;
     let data_addr = data_listener
         .local_addr()
         .map_err(|e| StartError(format!("listener: {e}")))?;
@@ -134,9 +169,22 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     metrics.config_last_reload_success.set(unix_now());
     events.push("reload", format!("started with {}", config.summary()));
 
+    // max_connections holds for the whole process, however many listeners.
+    let max = config.listener.max_connections;
+    let limit = (Arc::new(Semaphore::new(max)), max);
+    let data = match per_core {
+        None => tokio::spawn(serve_data(data_listener, router.clone(), tls, limit)),
+        Some(more) => {
+            let threads = spawn_data_threads(data_listener, more, &router, tls, limit)?;
+            tokio::spawn(async move {
+                for t in threads {
+                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
+                }
+            })
+        }
+    };
     tokio::spawn(builder_loop(router.clone(), builder));
     tokio::spawn(crate::admin::serve(admin_listener, router.clone()));
-    let data = tokio::spawn(serve_data(data_listener, router.clone(), tls));
     router.listening.store(true, Ordering::Relaxed);
     info!(
         listener = %data_addr, admin = %admin_addr,
@@ -155,7 +203,45 @@ fn tls_pairs(t: &config::ListenerTls) -> Vec<crate::tls::CertPair> {
         .collect()
 }
 
-async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, StartError> {
+/// One thread per listener for [`DataPlane::PerCore`], each running `serve_data` on its own
+/// current-thread runtime until the router drains.
+fn spawn_data_threads(
+    first: TcpListener,
+    more: Vec<TcpListener>,
+    router: &Arc<Router>,
+    tls: Option<Arc<crate::tls::ReloadableServerTls>>,
+    limit: (Arc<Semaphore>, usize),
+) -> Result<Vec<std::thread::JoinHandle<()>>, StartError> {
+    let mut threads = Vec::new();
+    for (i, l) in std::iter::once(first).chain(more).enumerate() {
+        // Registered again with the reactor of the thread that serves it.
+        let l = l
+            .into_std()
+            .map_err(|e| StartError(format!("listener: {e}")))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StartError(format!("cannot start a data-plane runtime: {e}")))?;
+        let (router, tls, limit) = (router.clone(), tls.clone(), limit.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("edge-data-{i}"))
+            .spawn(move || {
+                // Idle upstream connections stay with the thread (the reactor) that opened them.
+                crate::upstream::set_pool_shard(i + 1);
+                rt.block_on(async move {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => serve_data(l, router, tls, limit).await,
+                        Err(e) => error!("data-plane thread {i}: listener: {e}"),
+                    }
+                });
+            })
+            .map_err(|e| StartError(format!("cannot start a data-plane thread: {e}")))?;
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
+async fn bind(addr: SocketAddr, key: &str, reuseport: bool) -> Result<TcpListener, StartError> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
@@ -164,6 +250,11 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, StartError> {
     .map_err(|e| StartError(format!("{key} {addr}: {e}")))?;
     // Lets a restarted router bind while old connections sit in TIME_WAIT.
     let _ = socket.set_reuseaddr(true);
+    if reuseport {
+        socket
+            .set_reuseport(true)
+            .map_err(|e| StartError(format!("{key} {addr}: SO_REUSEPORT: {e}")))?;
+    }
     socket
         .bind(addr)
         .map_err(|e| StartError(format!("{key} {addr}: cannot bind: {e}")))?;
@@ -732,6 +823,7 @@ async fn serve_data(
     listener: TcpListener,
     router: Arc<Router>,
     tls: Option<Arc<crate::tls::ReloadableServerTls>>,
+    (limit, max): (Arc<Semaphore>, usize),
 ) {
     let cfg = router.config.load_full();
     let l = &cfg.listener;
@@ -753,8 +845,6 @@ async fn serve_data(
         .max_header_list_size(l.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
-    let max = l.max_connections;
-    let limit = Arc::new(Semaphore::new(max));
     let (signal_tx, _) = watch::channel(conn::Signal::Run);
     let mut shutdown = router.shutdown_tx.subscribe();
     let timeouts = (l.header_read_timeout, l.idle_timeout);

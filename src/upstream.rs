@@ -102,21 +102,48 @@ pub fn describe_failure(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Idle keep-alive connections to one endpoint, for the native HTTP/1.1 path
 /// ([`crate::h1`]). Last in, first out: the warmest connection goes next, and the ones at
-/// the bottom age out.
-#[derive(Default)]
+/// the bottom age out. One stack (and one connect cap) per pool shard: see [`set_pool_shard`].
 pub struct IdlePool {
+    shards: Box<[Shard]>,
+}
+
+#[derive(Default)]
+struct Shard {
     conns: std::sync::Mutex<Vec<(tokio::net::TcpStream, std::time::Instant)>>,
-    /// Connects under way to this endpoint.
+    /// Connects under way to this endpoint from this shard.
     dialing: std::sync::atomic::AtomicUsize,
     /// Signalled when a connection comes back or a connect ends.
     freed: tokio::sync::Notify,
 }
 
-/// Connects under way to one endpoint at a time, at most. A burst of new clients would
-/// otherwise open one upstream connection each at the same instant; past the upstream's
-/// listen backlog the kernel drops the SYNs and those connects stall for a second (the SYN
-/// retransmit). Requests beyond the cap take the first connection that comes back or the
-/// next free connect slot, whichever is first.
+impl Default for IdlePool {
+    fn default() -> IdlePool {
+        IdlePool {
+            shards: (0..POOL_SHARDS).map(|_| Shard::default()).collect(),
+        }
+    }
+}
+
+/// Shards per pool; threads beyond this share them (correct, only less local).
+const POOL_SHARDS: usize = 16;
+
+thread_local! {
+    static POOL_SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Puts the calling thread's idle upstream connections in their own shard. A thread that runs
+/// its own runtime (thread-per-core data plane) calls this: a connection is registered with the
+/// reactor of the runtime that opened it, so handing it to another runtime would route every
+/// readiness event through that other thread. Threads of one multi-thread runtime share shard 0.
+pub fn set_pool_shard(shard: usize) {
+    POOL_SHARD.with(|s| s.set(shard % POOL_SHARDS));
+}
+
+/// Connects under way to one endpoint at a time (per shard), at most. A burst of new clients
+/// would otherwise open one upstream connection each at the same instant; past the
+/// upstream's listen backlog the kernel drops the SYNs and those connects stall for a second
+/// (the SYN retransmit). Requests beyond the cap take the first connection that comes back
+/// or the next free connect slot, whichever is first.
 const MAX_DIALS: usize = 16;
 
 /// Connections kept per endpoint, and for how long unused (hyper's pool used the same).
@@ -124,10 +151,19 @@ const POOL_MAX_IDLE: usize = 1024;
 const POOL_IDLE_FOR: Duration = Duration::from_secs(90);
 
 impl IdlePool {
-    /// An idle connection that still looks open, if there is one.
+    fn shard(&self) -> &Shard {
+        &self.shards[POOL_SHARD.with(|s| s.get())]
+    }
+
+    /// An idle connection of this thread's shard that still looks open, if there is one.
     pub fn take(&self) -> Option<tokio::net::TcpStream> {
+        let shard = self.shard();
         loop {
-            let (conn, since) = self.conns.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let (conn, since) = shard
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()?;
             if since.elapsed() < POOL_IDLE_FOR && looks_open(&conn) {
                 return Some(conn);
             }
@@ -135,13 +171,14 @@ impl IdlePool {
     }
 
     pub fn put(&self, conn: tokio::net::TcpStream) {
+        let shard = self.shard();
         {
-            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conns = shard.conns.lock().unwrap_or_else(|e| e.into_inner());
             if conns.len() < POOL_MAX_IDLE {
                 conns.push((conn, std::time::Instant::now()));
             }
         }
-        self.freed.notify_one();
+        shard.freed.notify_one();
     }
 
     /// A connection to `addr`: an idle one (`true`: reused), or a new one with Nagle off.
@@ -152,18 +189,19 @@ impl IdlePool {
         connect_timeout: Duration,
     ) -> std::io::Result<(tokio::net::TcpStream, bool)> {
         use std::sync::atomic::Ordering;
+        let shard = self.shard();
         loop {
             if let Some(c) = self.take() {
                 return Ok((c, true));
             }
-            if self.dialing.fetch_add(1, Ordering::AcqRel) < MAX_DIALS {
-                let _slot = DialSlot(self);
+            if shard.dialing.fetch_add(1, Ordering::AcqRel) < MAX_DIALS {
+                let _slot = DialSlot(shard);
                 return dial(addr, connect_timeout).await.map(|c| (c, false));
             }
-            self.dialing.fetch_sub(1, Ordering::AcqRel);
+            shard.dialing.fetch_sub(1, Ordering::AcqRel);
             // A connection returned or a connect ended between the checks above and this
             // wait left a permit in `freed`: no wake-up is lost.
-            self.freed.notified().await;
+            shard.freed.notified().await;
         }
     }
 
@@ -176,21 +214,32 @@ impl IdlePool {
         dial(addr, connect_timeout).await
     }
 
-    /// Drops connections idle too long or closed by the upstream. The endpoint's prober calls
-    /// this each probe, so an endpoint that gets no traffic does not keep sockets the upstream
-    /// closed (CLOSE_WAIT) until someone takes them.
+    /// Drops connections idle too long or closed by the upstream, in every shard. The
+    /// endpoint's prober calls this each probe, so an endpoint that gets no traffic does not
+    /// keep sockets the upstream closed (CLOSE_WAIT) until someone takes them.
     pub fn expire(&self) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|(c, since)| since.elapsed() < POOL_IDLE_FOR && looks_open(c));
+        for shard in self.shards.iter() {
+            let mut conns = shard.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.retain(|(c, since)| since.elapsed() < POOL_IDLE_FOR && looks_open(c));
+        }
     }
 
     /// Drops every idle connection (the endpoint failed a probe: they are likely dead too).
     pub fn clear(&self) {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        for shard in self.shards.iter() {
+            shard
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.conns.lock().map_or(0, |c| c.len())
+        self.shards
+            .iter()
+            .map(|s| s.conns.lock().map_or(0, |c| c.len()))
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -199,7 +248,7 @@ impl IdlePool {
 }
 
 /// Gives a connect slot back, however the connect ended (or was dropped on a timeout).
-struct DialSlot<'a>(&'a IdlePool);
+struct DialSlot<'a>(&'a Shard);
 
 impl Drop for DialSlot<'_> {
     fn drop(&mut self) {

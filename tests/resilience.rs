@@ -560,6 +560,11 @@ struct Binary {
 
 impl Binary {
     async fn start(endpoints: &[String], listener_extra: &str) -> Binary {
+        Binary::start_args(endpoints, listener_extra, &[]).await
+    }
+
+    /// [`Binary::start`] with more arguments after `run --config FILE`.
+    async fn start_args(endpoints: &[String], listener_extra: &str, args: &[&str]) -> Binary {
         let dir = tempfile::tempdir().expect("tempdir");
         let data: SocketAddr = ([127, 0, 0, 1], free_port().await).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port().await).into();
@@ -572,6 +577,7 @@ impl Binary {
         let child = Command::new(env!("CARGO_BIN_EXE_edge-router"))
             .args(["run", "--config"])
             .arg(&path)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -954,9 +960,19 @@ async fn oversized_headers_get_431_and_garbage_gets_400_or_a_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_when_the_drain_times_out() {
+    sigterm_with_a_stuck_request(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_sigterm_exits_zero_when_the_drain_times_out() {
+    sigterm_with_a_stuck_request(&["--workers", "2", "--thread-per-core"]).await;
+}
+
+async fn sigterm_with_a_stuck_request(args: &[&str]) {
     let a = Backend::start("a1", 1).await;
     a.ctl.stall_ms.store(20_000, Ordering::SeqCst);
-    let mut bin = Binary::start(&[endpoint(&a, "r1", "r1a")], "drain_timeout = \"1s\"").await;
+    let mut bin =
+        Binary::start_args(&[endpoint(&a, "r1", "r1a")], "drain_timeout = \"1s\"", args).await;
     let url = format!("http://{}/stall", bin.data);
     let stuck = tokio::spawn(async move {
         let req = Request::get(url.as_str())
@@ -1073,4 +1089,138 @@ async fn max_requests_per_endpoint_sends_the_excess_to_the_next_zone() {
     assert_eq!(zones.get("200 r1a"), Some(&3), "{zones:?}");
     assert_eq!(zones.get("200 r1b"), Some(&3), "{zones:?}");
     assert_eq!(zones.get("503 "), Some(&2), "{zones:?}");
+}
+
+/// Names of the threads of process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("/proc/PID/task")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Sends one GET on a new connection; the connection, for reading the answer later.
+async fn raw_get(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_sigterm_drains_every_thread_then_exits_zero() {
+    let a = Backend::start("a1", 1).await;
+    a.ctl.stall_ms.store(2500, Ordering::SeqCst);
+    let mut bin = Binary::start_args(
+        &[endpoint(&a, "r1", "r1a")],
+        "drain_timeout = \"15s\"\nidle_timeout = \"60s\"",
+        &["--workers", "2", "--thread-per-core"],
+    )
+    .await;
+    let names = thread_names(bin.child.id());
+    let data: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("edge-data-"))
+        .collect();
+    assert_eq!(data, ["edge-data-0", "edge-data-1"], "threads: {names:?}");
+    // 16 slow requests on 16 connections: SO_REUSEPORT hashes each connection to one of the
+    // two listeners, so both threads hold some (all on one: probability 2^-15).
+    let slow: Vec<_> = (0..16)
+        .map(|_| {
+            let addr = bin.data;
+            tokio::spawn(async move {
+                let mut s = raw_get(addr, "/stall").await;
+                read_to_close(&mut s, Duration::from_secs(20)).await
+            })
+        })
+        .collect();
+    wait_until(
+        "all slow requests reached the backend",
+        Duration::from_secs(10),
+        || async { a.ctl.hits() >= 16 },
+    )
+    .await;
+    bin.signal("-TERM");
+    let admin = format!("http://{}", bin.admin);
+    wait_until(
+        "readyz 503 while draining",
+        Duration::from_secs(2),
+        || async { get(&format!("{admin}/readyz")).await.status == 503 },
+    )
+    .await;
+    assert!(
+        slow.iter().all(|h| !h.is_finished()),
+        "the requests were still in flight"
+    );
+    // Neither listener takes a new connection: a few tries land on both sockets.
+    for _ in 0..8 {
+        let refused = match TcpStream::connect(bin.data).await {
+            Err(_) => true,
+            Ok(mut s) => {
+                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                let mut buf = [0u8; 64];
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await,
+                    Ok(Ok(0)) | Ok(Err(_))
+                )
+            }
+        };
+        assert!(refused, "a draining router takes no new connection");
+    }
+    for h in slow {
+        let (out, closed) = h.await.expect("join");
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "every in-flight request finished: {:?}; log:\n{}",
+            String::from_utf8_lossy(&out),
+            bin.log()
+        );
+        assert!(closed, "the drained connection was closed");
+    }
+    let code = bin.wait(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "clean exit; log:\n{}", bin.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_max_connections_is_one_limit_for_all_threads() {
+    let a = Backend::start("a1", 1).await;
+    let bin = Binary::start_args(
+        &[endpoint(&a, "r1", "r1a")],
+        "max_connections = 4",
+        &["--workers", "2", "--thread-per-core"],
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = raw_get(bin.data, "/").await;
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    // With a limit per listener (4 each) some of these would be served.
+    for i in 0..6 {
+        let mut extra = raw_get(bin.data, "/").await;
+        let (out, closed) = read_to_close(&mut extra, Duration::from_secs(3)).await;
+        assert!(closed && out.is_empty(), "extra connection {i}: closed");
+    }
+    drop(held.pop());
+    wait_until("a slot is free again", Duration::from_secs(5), || async {
+        let mut s = raw_get(bin.data, "/").await;
+        let (out, _) = read_to_close(&mut s, Duration::from_millis(300)).await;
+        out.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+    let m = metrics(&format!("http://{}", bin.admin)).await;
+    assert!(
+        metric(
+            &m,
+            "edge_router_errors_total",
+            &[("kind", "too_many_connections")]
+        ) >= 6.0
+    );
 }
