@@ -1175,6 +1175,9 @@ fn take_buf() -> BytesMut {
 
 fn give_buf(mut buf: BytesMut) {
     buf.clear();
+    // `advance` moved the start forward; with nothing left in the buffer, reserving takes
+    // the whole allocation back (no new allocation) so the capacity check below sees it.
+    buf.reserve(BUF_SIZE);
     // Only plain buffers of the usual size come back; grown or empty ones are freed.
     if buf.capacity() < BUF_SIZE || buf.capacity() > 4 * BUF_SIZE {
         return;
@@ -1278,5 +1281,17 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\r\n",
             &mut scanned
         ));
+    }
+
+    #[test]
+    fn a_buffer_read_from_goes_back_to_the_cache_whole() {
+        let cached = || BUFS.with(|b| b.borrow().len());
+        let mut buf = take_buf();
+        buf.extend_from_slice(&[b'x'; 5000]);
+        buf.advance(5000);
+        let before = cached();
+        give_buf(buf);
+        assert_eq!(cached(), before + 1, "kept for the next request, not freed");
+        assert!(take_buf().capacity() >= BUF_SIZE);
     }
 }
