@@ -101,11 +101,15 @@ pub async fn start_with(
     let key = "listener.address";
     let (data_listener, per_core) = match plane {
         DataPlane::PerCore(n) if n > 1 => {
-            // The first socket settles the port (the config may say 0); the others join it.
-            let first = bind(config.listener.address, key, true).await?;
-            let addr = first
+            // A plain bind first: it fails while anything holds the address, another
+            // router's SO_REUSEPORT sockets included, which the sockets below would otherwise
+            // silently join (and share its traffic). It also settles the port when the
+            // config says 0.
+            let addr = bind(config.listener.address, key, false)
+                .await?
                 .local_addr()
                 .map_err(|e| StartError(format!("{key}: {e}")))?;
+            let first = bind(addr, key, true).await?;
             let mut more = Vec::new();
             for _ in 1..n {
                 more.push(bind(addr, key, true).await?);

@@ -1224,3 +1224,59 @@ async fn thread_per_core_max_connections_is_one_limit_for_all_threads() {
         ) >= 6.0
     );
 }
+
+/// A second `--thread-per-core` router on the same address must fail as a plain one does,
+/// not join the first one's SO_REUSEPORT sockets and take part of its traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_second_router_on_the_same_address_is_refused() {
+    let a = Backend::start("a1", 1).await;
+    let mut first = Binary::start_args(
+        &[endpoint(&a, "r1", "r1a")],
+        "",
+        &["--workers", "2", "--thread-per-core"],
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port().await).into();
+    let text = std::fs::read_to_string(&first.config)
+        .expect("config")
+        .replacen(&first.admin.to_string(), &admin.to_string(), 1);
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, text).expect("write config");
+    let err_path = dir.path().join("stderr");
+    let mut second = Command::new(env!("CARGO_BIN_EXE_edge-router"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .args(["--workers", "2", "--thread-per-core"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn the second router");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = second.try_wait().expect("try_wait") {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            // It runs: it joined the first router's sockets. Stop it before failing.
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("the second router kept running: {stderr}"));
+    assert_eq!(status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("listener.address") && stderr.contains("in use"),
+        "stderr: {stderr}"
+    );
+    // The first one still serves every request.
+    for _ in 0..20 {
+        assert_eq!(get(&format!("http://{}/", first.data)).await.status, 200);
+    }
+    first.signal("-TERM");
+    assert_eq!(first.wait(Duration::from_secs(15)).await, Some(0));
+}
