@@ -79,6 +79,15 @@ pub enum Http1Engine {
     Hyper,
 }
 
+impl Http1Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Http1Engine::Native => "native",
+            Http1Engine::Hyper => "hyper",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerTls {
     /// The first pair is the default certificate; the others are picked by SNI.

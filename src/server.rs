@@ -329,6 +329,15 @@ impl Router {
             notes.push("turning TLS on or off needs a restart".to_string());
             new.listener.tls = old.listener.tls.clone();
         }
+        if new.listener.http1_engine != old.listener.http1_engine {
+            notes.push(format!(
+                "listener.http1_engine {} -> {} needs a restart; still {}",
+                old.listener.http1_engine.as_str(),
+                new.listener.http1_engine.as_str(),
+                old.listener.http1_engine.as_str()
+            ));
+            new.listener.http1_engine = old.listener.http1_engine;
+        }
         // Clients of every cluster are rebuilt by the builder; check them here first so a
         // bad CA file fails the reload instead of a later table build.
         for c in &new.clusters {

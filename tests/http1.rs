@@ -2067,6 +2067,20 @@ async fn http1_engine_hyper_serves_and_a_bogus_engine_is_refused_by_check() {
         eprintln!("check with http1_engine = \"bogus\": exit {code:?}: {err}");
         assert_eq!(code, Some(2), "{err}");
         assert!(err.contains("listener.http1_engine"), "{err}");
+
+        // The engine is chosen when the listener starts: a reload that changes it is taken,
+        // says the change needs a restart, and the router goes on serving as before.
+        let text = std::fs::read_to_string(&r.config_path).expect("config");
+        r.rewrite_config(&text.replace("http1_engine = \"hyper\"", "http1_engine = \"native\""));
+        let reply = post(&format!("http://{}/reload", r.admin)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(
+            reply.body.contains("listener.http1_engine hyper -> native needs a restart"),
+            "{}",
+            reply.body
+        );
+        c.send(get("/after-reload")).await;
+        assert_eq!(c.read(false).await.status, 200);
     })
     .await;
 }
