@@ -425,3 +425,65 @@ mod tests {
         assert!(!c.is_done());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// A small deterministic generator: the same inputs every run.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Chunked bodies made of valid and broken pieces: the scanner never panics, and its
+    /// answer does not depend on how the bytes are split across reads.
+    #[test]
+    fn the_chunk_scanner_answers_the_same_for_any_split_and_never_panics() {
+        const PIECES: [&[u8]; 14] = [
+            b"5\r\nhello\r\n",
+            b"0\r\n\r\n",
+            b"A;x=y\r\n0123456789\r\n",
+            b"0\r\nT: 1\r\n\r\n",
+            b"\r\n",
+            b"\n",
+            b"ZZ",
+            b"1\r\nx\r\n",
+            b";",
+            b"fffffffffffffffff\r\n",
+            b"0\r\n",
+            b"3\r\nab",
+            b"\r",
+            b"x",
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let mut body = Vec::new();
+            for _ in 0..rng.below(8) + 1 {
+                body.extend_from_slice(PIECES[rng.below(PIECES.len())]);
+            }
+            let whole = ChunkScanner::default().scan(&body);
+            let cut = rng.below(body.len() + 1);
+            let mut s = ChunkScanner::default();
+            let split = match s.scan(&body[..cut]) {
+                Ok(Some(n)) => Ok(Some(n)),
+                Ok(None) => s.scan(&body[cut..]).map(|r| r.map(|n| n + cut)),
+                Err(()) => Err(()),
+            };
+            assert_eq!(
+                whole,
+                split,
+                "{:?} cut at {cut}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+}
