@@ -710,6 +710,8 @@ async fn forward(
             Ok(Err(f)) => f,
         };
         drop(in_flight);
+        // After an error the client's connection stays open only if its request was read whole.
+        let keep = request_body.is_done() && !client_close && !draining();
         let (connect, err) = match failure {
             Failure::Timeout => {
                 ep.observe(timeout, cluster.decay);
@@ -722,13 +724,7 @@ async fn forward(
                     request_id,
                     log,
                 };
-                return reply_error(
-                    client,
-                    r,
-                    request_body.is_done() && !client_close && !draining(),
-                    limits,
-                )
-                .await;
+                return reply_error(client, r, keep, limits).await;
             }
             Failure::Connect(e) => (true, e),
             Failure::Reset(e) => (false, e),
@@ -763,13 +759,7 @@ async fn forward(
             request_id,
             log,
         };
-        return reply_error(
-            client,
-            r,
-            request_body.is_done() && !client_close && !draining(),
-            limits,
-        )
-        .await;
+        return reply_error(client, r, keep, limits).await;
     }
 }
 
@@ -1307,6 +1297,22 @@ mod tests {
 mod fuzz {
     use super::*;
 
+    /// The state a connection needs, with a routing table built from `toml` by the real
+    /// builder. Its probers start but the endpoint (port 9, discard) does not answer HTTP, and
+    /// the tests use the table as first built: endpoints of unknown health.
+    pub(super) fn test_state(toml: &str) -> ProxyState {
+        let cfg = crate::config::parse("test", toml, &|_| None).expect("config");
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let events = std::sync::Arc::new(crate::health::Events::new());
+        let health = std::sync::Arc::new(crate::health::Health::new(metrics.clone(), events));
+        let mut builder = crate::server::Builder::new(health, metrics.clone());
+        let table = builder.build(1, std::sync::Arc::new(cfg)).expect("table");
+        ProxyState {
+            table: arc_swap::ArcSwap::from_pointee(table),
+            metrics,
+        }
+    }
+
     /// Upstream response heads made of valid and broken pieces: parsing one never panics, and
     /// a head it accepts is rewritten into a head that parses again with the same status.
     #[test]
@@ -1394,16 +1400,7 @@ host = "api.test"
 path_prefix = "/api"
 cluster = "api"
 "#;
-        let cfg = crate::config::parse("fuzz", text, &|_| None).expect("config");
-        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-        let events = std::sync::Arc::new(crate::health::Events::new());
-        let health = std::sync::Arc::new(crate::health::Health::new(metrics.clone(), events));
-        let mut builder = crate::server::Builder::new(health, metrics.clone());
-        let table = builder.build(1, std::sync::Arc::new(cfg)).expect("table");
-        let state = ProxyState {
-            table: arc_swap::ArcSwap::from_pointee(table),
-            metrics,
-        };
+        let state = test_state(text);
         const PIECES: [&[u8]; 22] = [
             b"GET /api/x HTTP/1.1\r\n",
             b"POST /api?q=1 HTTP/1.1\r\n",
@@ -1505,16 +1502,7 @@ mod size {
         let text = "[locality]\nregion = \"r\"\nzone = \"z\"\n[[cluster]]\nname = \"a\"\n\
                     [[cluster.endpoint]]\naddress = \"127.0.0.1:9\"\nregion = \"r\"\nzone = \"z\"\n\
                     [[route]]\ncluster = \"a\"\n";
-        let cfg = crate::config::parse("size", text, &|_| None).expect("config");
-        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-        let events = std::sync::Arc::new(crate::health::Events::new());
-        let health = std::sync::Arc::new(crate::health::Health::new(metrics.clone(), events));
-        let mut b = crate::server::Builder::new(health, metrics.clone());
-        let table = b.build(1, std::sync::Arc::new(cfg)).expect("table");
-        let state = ProxyState {
-            table: arc_swap::ArcSwap::from_pointee(table),
-            metrics,
-        };
+        let state = super::fuzz::test_state(text);
         let (_tx, mut rx) = watch::channel(Signal::Run);
         let limits = Limits {
             header_timeout: Duration::from_secs(1),
