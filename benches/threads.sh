@@ -37,39 +37,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 mkdir -p "$W/b"
-cat >"$W/b/nginx.conf" <<NG
-worker_processes 1; daemon off; pid $W/b/nginx.pid; error_log $W/b/error.log;
-events { worker_connections 4096; }
-http { access_log off; default_type text/plain;
-  client_body_temp_path $W/b/cb; proxy_temp_path $W/b/p; fastcgi_temp_path $W/b/f; uwsgi_temp_path $W/b/u; scgi_temp_path $W/b/s;
-  keepalive_requests 1000000000; keepalive_timeout 300s;
-  server { listen 127.0.0.1:$BACK backlog=4096; location / { return 200 "ok"; } } }
-NG
-cat >"$W/edge.toml" <<TOML
-[listener]
-address = "127.0.0.1:$EDGE"
-access_log = false
-[admin]
-address = "127.0.0.1:$ADMIN"
-[locality]
-region = "local"
-zone = "local-a"
-[[cluster]]
-name = "backend"
-[cluster.health_check]
-path = "/healthz"
-interval = "1s"
-timeout = "500ms"
-healthy_threshold = 1
-unhealthy_threshold = 2
-[[cluster.endpoint]]
-address = "127.0.0.1:$BACK"
-region = "local"
-zone = "local-a"
-[[route]]
-path_prefix = "/"
-cluster = "backend"
-TOML
+. "$(dirname "$0")/setup.sh"
+write_backend_conf "$W/b" "$BACK"
+write_edge_toml "$W/edge.toml" "$EDGE" "$ADMIN" "$BACK"
 nginx -c "$W/b/nginx.conf" -p "$W/b" 2>/dev/null & NGINX=$!
 
 cpu() { awk '{print $14+$15}' /proc/$1/stat; }
