@@ -1297,6 +1297,17 @@ mod tests {
 mod fuzz {
     use super::*;
 
+    /// A deterministic generator (xorshift): `next(n)` is in 0..n, the same sequence every run.
+    fn below(seed: u64) -> impl FnMut(usize) -> usize {
+        let mut x = seed;
+        move |n| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        }
+    }
+
     /// The state a connection needs, with a routing table built from `toml` by the real
     /// builder. Its probers start but the endpoint (port 9, discard) does not answer HTTP, and
     /// the tests use the table as first built: endpoints of unknown health.
@@ -1335,13 +1346,7 @@ mod fuzz {
             b": no name\r\n",
             b"\n",
         ];
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut next = below(0x2545_f491_4f6c_dd1d);
         let mut accepted = 0;
         for _ in 0..20_000 {
             let mut head = Vec::new();
@@ -1425,13 +1430,7 @@ cluster = "api"
             b"3\r\nabc\r\n0\r\n\r\n",
             b"\x00\xff",
         ];
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut next = below(0x9e37_79b9_7f4a_7c15);
         let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
         let table = state.table.load_full();
         let mut forwarded = 0;
