@@ -23,10 +23,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use edge_router::logging::{self, Format};
-use edge_router::metrics::{ClusterMetrics, Metrics};
-use edge_router::proxy::{self, AccessLog};
-use edge_router::table::Reason;
+use edge_router::dataplane::hyper::{self as proxy, AccessLog};
+use edge_router::routing::table::Reason;
+use edge_router::telemetry::logging::{self, Format};
+use edge_router::telemetry::metrics::{ClusterMetrics, Metrics};
 use http::{HeaderValue, Method};
 use tracing_subscriber::EnvFilter;
 
@@ -45,7 +45,7 @@ fn metrics_plain_atomic_increment(c: &mut Criterion) {
 fn metrics_request_updates(c: &mut Criterion) {
     let m = Metrics::new();
     let zone = m.zone("api", "us-east-1", "us-east-1a");
-    let cluster = ClusterMetrics::new(&m, "api");
+    let cluster = ClusterMetrics::new(&m, "api", &Reason::LABELS);
     c.bench_function("metrics_request_updates", |b| {
         b.iter(|| {
             proxy::count_response(
@@ -65,7 +65,7 @@ fn metrics_request_updates(c: &mut Criterion) {
 fn metrics_request_updates_rare_code(c: &mut Criterion) {
     let m = Metrics::new();
     let zone = m.zone("api", "us-east-1", "us-east-1a");
-    let cluster = ClusterMetrics::new(&m, "api");
+    let cluster = ClusterMetrics::new(&m, "api", &Reason::LABELS);
     c.bench_function("metrics_request_updates_rare_code", |b| {
         b.iter(|| {
             proxy::count_response(

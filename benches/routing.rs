@@ -5,11 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use edge_router::balancer;
 use edge_router::config::{parse, Config};
-use edge_router::health::{EndpointState, Status};
-use edge_router::metrics::{ClusterMetrics, Metrics};
-use edge_router::table::{ClusterInput, ClusterRuntime, EndpointEntry, RoutingTable, TableBuilder};
+use edge_router::routing::balancer;
+use edge_router::routing::table::{
+    ClusterInput, ClusterRuntime, EndpointEntry, RoutingTable, TableBuilder,
+};
+use edge_router::routing::Reason;
+use edge_router::state::{EndpointState, Status};
+use edge_router::telemetry::metrics::{ClusterMetrics, Metrics};
 
 fn config() -> Config {
     let text = r#"
@@ -75,7 +78,7 @@ impl Fixture {
             runtime: Arc::new(ClusterRuntime {
                 shared,
                 client: (),
-                metrics: ClusterMetrics::new(&self.metrics, "api"),
+                metrics: ClusterMetrics::new(&self.metrics, "api", &Reason::LABELS),
             }),
             endpoints: self.endpoints.clone(),
         };

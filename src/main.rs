@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use edge_router::{config, demo, logging, server, status};
+use edge_router::config;
+use edge_router::ops::{demo, router as server, status};
+use edge_router::telemetry::logging;
 
 #[derive(Parser)]
 #[command(

@@ -745,7 +745,7 @@ async fn every_reason_comes_from_a_real_scenario() {
     assert_shares_sum_to_one(&r.routes().await, "nothing healthy");
     observe(&get_as(None, "/").await, "nothing healthy");
 
-    let all: BTreeSet<&str> = edge_router::table::Reason::ALL
+    let all: BTreeSet<&str> = edge_router::routing::Reason::ALL
         .iter()
         .map(|r| r.as_str())
         .collect();

@@ -31,11 +31,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::balancer::Pick;
-use crate::conn::{End, Signal};
-use crate::health::InFlight;
-use crate::proxy::{self, AccessLog, Completion, ProxyState, Table, UpstreamClient};
-use crate::table::{ClusterTable, Reason};
+use crate::control::{ProxyState, Table, UpstreamClient};
+use crate::dataplane::hyper::{self as proxy, AccessLog, Completion};
+use crate::dataplane::watchdog::{End, Signal};
+use crate::routing::balancer::Pick;
+use crate::routing::table::{ClusterTable, Reason};
+use crate::state::InFlight;
 use wire::{BodyEnd, ConnectionOptions, Framing};
 
 /// The most headers a request or response head may carry (hyper's limit too).
@@ -508,7 +509,7 @@ fn prepare<'t>(
     };
     cluster.runtime.shared.retry_budget.deposit(
         cfg.retry.budget_ratio,
-        crate::health::budget_cap(cfg.retry.min_retries_per_second),
+        crate::state::budget_cap(cfg.retry.min_retries_per_second),
     );
     let pick = match proxy::first_pick(cluster, peer, affinity_key) {
         Ok(p) => p,
@@ -775,7 +776,7 @@ async fn reply_error(client: &mut TcpStream, r: ErrorReply, keep: bool, limits: 
 #[allow(clippy::too_many_arguments)]
 async fn send(
     buf: &mut BytesMut,
-    ep: &crate::health::EndpointState,
+    ep: &crate::state::EndpointState,
     connect_timeout: Duration,
     upstream_head: &[u8],
     body: &mut BodyEnd,
@@ -847,7 +848,7 @@ async fn send(
 }
 
 async fn redial(
-    ep: &crate::health::EndpointState,
+    ep: &crate::state::EndpointState,
     connect_timeout: Duration,
 ) -> Result<TcpStream, Failure> {
     crate::upstream::IdlePool::dial(ep.addr, connect_timeout)
@@ -971,9 +972,9 @@ async fn respond(
     client: &mut TcpStream,
     head: Head,
     mut done: Completion,
-    ep: &crate::health::EndpointState,
+    ep: &crate::state::EndpointState,
     request_id: &RequestId,
-    route: Option<(&crate::table::ZoneTable, &str, Reason)>,
+    route: Option<(&crate::routing::table::ZoneTable, &str, Reason)>,
     keep: bool,
     limits: Limits,
 ) -> bool {
@@ -1313,10 +1314,11 @@ mod fuzz {
     /// the tests use the table as first built: endpoints of unknown health.
     pub(super) fn test_state(toml: &str) -> ProxyState {
         let cfg = crate::config::parse("test", toml, &|_| None).expect("config");
-        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-        let events = std::sync::Arc::new(crate::health::Events::new());
-        let health = std::sync::Arc::new(crate::health::Health::new(metrics.clone(), events));
-        let mut builder = crate::server::Builder::new(health, metrics.clone());
+        let metrics = std::sync::Arc::new(crate::telemetry::metrics::Metrics::new());
+        let events = std::sync::Arc::new(crate::telemetry::Events::new());
+        let health =
+            std::sync::Arc::new(crate::control::probe::Health::new(metrics.clone(), events));
+        let mut builder = crate::control::reconcile::Builder::new(health, metrics.clone());
         let table = builder.build(1, std::sync::Arc::new(cfg)).expect("table");
         ProxyState {
             table: arc_swap::ArcSwap::from_pointee(table),

@@ -5,8 +5,8 @@
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 
-use crate::health::EndpointState;
-use crate::table::{ClusterTable, EndpointEntry, Reason, ZoneTable};
+use crate::routing::table::{ClusterTable, EndpointEntry, Reason, ZoneTable};
+use crate::state::EndpointState;
 
 /// Where a request goes, and why.
 pub struct Pick<'t> {

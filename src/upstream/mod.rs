@@ -11,16 +11,28 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::ClusterConfig;
 
+pub mod body;
+pub mod tls;
+
+pub use body::RequestBody;
+
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// The pooled hyper client of a cluster (TLS, h2 and hedged routes; the native HTTP/1.1
+/// engine uses [`IdlePool`]).
+pub type UpstreamClient = Client<Connector, RequestBody>;
 
 /// Builds the connector of a cluster: TCP with Nagle off and the cluster's connect timeout,
 /// TLS when the cluster asks for it.
 pub fn connector(cluster: &ClusterConfig) -> Result<Connector, String> {
-    let tls = cluster.tls.as_ref().map(|t| crate::tls::UpstreamTls {
-        sni: t.sni.clone(),
-        ca: t.ca.clone(),
-    });
-    crate::tls::upstream_connector(tls.as_ref(), cluster.http2, cluster.connect_timeout)
+    let tls = cluster
+        .tls
+        .as_ref()
+        .map(|t| crate::upstream::tls::UpstreamTls {
+            sni: t.sni.clone(),
+            ca: t.ca.clone(),
+        });
+    crate::upstream::tls::upstream_connector(tls.as_ref(), cluster.http2, cluster.connect_timeout)
 }
 
 /// The pooled keep-alive client the proxy uses for a cluster.
@@ -101,7 +113,7 @@ pub fn describe_failure(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Idle keep-alive connections to one endpoint, for the native HTTP/1.1 path
-/// ([`crate::h1`]). Last in, first out: the warmest connection goes next, and the ones at
+/// (the native HTTP/1.1 engine). Last in, first out: the warmest connection goes next, and the ones at
 /// the bottom age out. One stack (and one connect cap) per pool shard: see [`set_pool_shard`].
 pub struct IdlePool {
     shards: Box<[Shard]>,

@@ -1,6 +1,6 @@
 //! What hedging needs to know about a zone: a recent p95 of time to response headers, kept
 //! lock-free in a small decaying histogram that outlives routing tables (like
-//! [`crate::health::EndpointState`] does), so a table rebuild does not forget it.
+//! [`crate::state::EndpointState`] does), so a table rebuild does not forget it.
 //!
 //! Only requests that may be hedged record samples, so the plain request path pays nothing.
 
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::health::now_ms;
+use crate::clock::now_ms;
 
 /// Buckets of the histogram: bucket `i` holds samples in [BASE x R^i, BASE x R^(i+1)) with
 /// R = 2^(1/4) (a bucket is 19% wide), from 50 us to 3.3 s; slower samples count in the last.

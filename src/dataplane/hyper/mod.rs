@@ -11,30 +11,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use tracing::{info, warn};
 
-use crate::balancer;
-use crate::health::InFlight;
-use crate::metrics::{ClusterMetrics, Metrics, ZoneMetrics};
-use crate::table::{ClusterTable, Reason, RoutingTable};
-use crate::upstream::{self, Connector};
-
-pub type UpstreamClient = Client<Connector, RequestBody>;
-pub type Table = RoutingTable<UpstreamClient>;
-
-/// What every request needs, shared by all connections.
-pub struct ProxyState {
-    pub table: ArcSwap<Table>,
-    pub metrics: Arc<Metrics>,
-}
+use crate::control::{ProxyState, Table, UpstreamClient};
+use crate::routing::balancer;
+use crate::routing::table::{ClusterTable, Reason};
+use crate::state::InFlight;
+use crate::telemetry::metrics::{ClusterMetrics, ZoneMetrics};
+use crate::upstream::{self, RequestBody};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -42,52 +32,6 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_EDGE_ERROR: HeaderName = HeaderName::from_static("x-edge-error");
 static X_EDGE_ROUTE: HeaderName = HeaderName::from_static("x-edge-route");
-
-/// Request body sent upstream: the client's stream (counted), or nothing (for retries).
-pub enum RequestBody {
-    Stream {
-        inner: Incoming,
-        bytes: prometheus::IntCounter,
-    },
-    Empty,
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Stream { inner, bytes } => {
-                let r = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(f))) = &r {
-                    if let Some(d) = f.data_ref() {
-                        bytes.inc_by(d.len() as u64);
-                    }
-                }
-                r
-            }
-            RequestBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Stream { inner, .. } => inner.is_end_stream(),
-            RequestBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Stream { inner, .. } => inner.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
 
 /// Response body to the client: the upstream's stream, carrying the request's in-flight mark
 /// and access-log record until the last byte is sent (or the client goes away).
@@ -243,7 +187,7 @@ impl AccessLog {
 
     pub(crate) fn served_by(
         &mut self,
-        zone: &crate::table::ZoneTable,
+        zone: &crate::routing::table::ZoneTable,
         endpoint: &Arc<str>,
         reason: Reason,
     ) {
@@ -396,7 +340,7 @@ async fn forward(
     let shared = &cluster.runtime.shared;
     shared.retry_budget.deposit(
         cfg.retry.budget_ratio,
-        crate::health::budget_cap(cfg.retry.min_retries_per_second),
+        crate::state::budget_cap(cfg.retry.min_retries_per_second),
     );
 
     let affinity_key = affinity_header(cfg, req.headers());
@@ -589,7 +533,7 @@ async fn forward(
 /// first), if the cluster's retry budget allows one.
 pub fn retry_pick<'t>(
     cluster: &'t ClusterTable<UpstreamClient>,
-    failed: &crate::health::EndpointState,
+    failed: &crate::state::EndpointState,
     retryable: bool,
 ) -> Option<balancer::Pick<'t>> {
     if !retryable {
@@ -609,7 +553,7 @@ pub fn retry_pick<'t>(
 /// A request the router answers with an error after trying upstream: counted on the zone
 /// of the last attempt and on the cluster's errors.
 pub fn count_failure(
-    zone: &crate::table::ZoneTable,
+    zone: &crate::routing::table::ZoneTable,
     cm: &ClusterMetrics,
     code: u16,
     kind: &'static str,
@@ -686,8 +630,8 @@ type Attempt = Result<
 /// enough samples, twice the endpoint's peak latency (at least 1 ms; 50 ms when unknown).
 fn hedge_delay(
     cfg: &crate::config::ClusterConfig,
-    zone: &crate::table::ZoneTable,
-    ep: &crate::health::EndpointState,
+    zone: &crate::routing::table::ZoneTable,
+    ep: &crate::state::EndpointState,
 ) -> Duration {
     cfg.hedge.delay.unwrap_or_else(|| {
         zone.stats
@@ -882,7 +826,11 @@ fn upstream_uri(
     Ok(Uri::try_from(s)?)
 }
 
-fn route_header(zone: &crate::table::ZoneTable, endpoint: &str, reason: Reason) -> HeaderValue {
+fn route_header(
+    zone: &crate::routing::table::ZoneTable,
+    endpoint: &str,
+    reason: Reason,
+) -> HeaderValue {
     let s = format!(
         "region={}; zone={}; endpoint={}; reason={}",
         zone.region,
@@ -1105,7 +1053,7 @@ async fn forward_upgrade(
     let shared = &cluster.runtime.shared;
     shared.retry_budget.deposit(
         cfg.retry.budget_ratio,
-        crate::health::budget_cap(cfg.retry.min_retries_per_second),
+        crate::state::budget_cap(cfg.retry.min_retries_per_second),
     );
     // The same pick as plain requests: a client's WebSocket lands where its requests do.
     let affinity_key = affinity_header(cfg, req.headers());

@@ -406,7 +406,7 @@ pub struct ClusterMetrics {
     pub hedges_refused: IntCounter,
     pub request_bytes: IntCounter,
     pub response_bytes: IntCounter,
-    /// Indexed by [`crate::table::Reason`] as usize.
+    /// One counter per routing decision reason, in the order given to [`ClusterMetrics::new`].
     pub decisions: Vec<IntCounter>,
     pub cluster: String,
     pub errors: IntCounterVec,
@@ -415,7 +415,8 @@ pub struct ClusterMetrics {
 }
 
 impl ClusterMetrics {
-    pub fn new(m: &Metrics, cluster: &str) -> ClusterMetrics {
+    /// `reasons`: the labels of the routing decisions, indexed as the router counts them.
+    pub fn new(m: &Metrics, cluster: &str, reasons: &[&str]) -> ClusterMetrics {
         ClusterMetrics {
             retries: m.retries.with_label_values(&[cluster]),
             retry_budget_exhausted: m.retry_budget_exhausted.with_label_values(&[cluster]),
@@ -424,9 +425,9 @@ impl ClusterMetrics {
             hedges_refused: m.hedges.with_label_values(&[cluster, "budget_exhausted"]),
             request_bytes: m.request_bytes.with_label_values(&[cluster]),
             response_bytes: m.response_bytes.with_label_values(&[cluster]),
-            decisions: crate::table::Reason::ALL
+            decisions: reasons
                 .iter()
-                .map(|r| m.decisions.with_label_values(&[cluster, r.as_str()]))
+                .map(|r| m.decisions.with_label_values(&[cluster, r]))
                 .collect(),
             cluster: cluster.to_string(),
             errors: m.errors.clone(),

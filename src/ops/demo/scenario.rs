@@ -17,8 +17,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::{Demo, SLOW_EXTRA_MS};
-use crate::server::Router;
-use crate::table::zone_latency_ms;
+use crate::ops::router::Router;
+use crate::routing::table::zone_latency_ms;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{ClusterConfig, Config, HostMatch, RoutingConfig};
-use crate::health::{ClusterShared, EndpointState};
-use crate::metrics::{ClusterMetrics, ZoneMetrics};
+use crate::state::{ClusterShared, EndpointState};
+use crate::telemetry::metrics::{ClusterMetrics, ZoneMetrics};
 
 /// Why a request went where it went (the `reason` of x-edge-route and of metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,17 +42,20 @@ impl Reason {
         Reason::Panic,
     ];
 
+    /// Every reason's label, indexed by `reason as usize` (metrics count decisions so).
+    pub const LABELS: [&'static str; 8] = [
+        "nearest",
+        "failover",
+        "spillover",
+        "dial",
+        "affinity",
+        "retry",
+        "hedge",
+        "panic",
+    ];
+
     pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Nearest => "nearest",
-            Reason::Failover => "failover",
-            Reason::Spillover => "spillover",
-            Reason::Dial => "dial",
-            Reason::Affinity => "affinity",
-            Reason::Retry => "retry",
-            Reason::Hedge => "hedge",
-            Reason::Panic => "panic",
-        }
+        Self::LABELS[self as usize]
     }
 }
 
@@ -89,7 +92,7 @@ pub struct ClusterTable<C> {
     pub slices: Vec<Slice>,
     /// No endpoint is healthy anywhere: fail open to the nearest zone's endpoints.
     pub panic: bool,
-    pub decay: crate::health::Decay,
+    pub decay: crate::config::Decay,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -116,7 +119,7 @@ pub struct ZoneTable {
     pub latency_ms: Option<f64>,
     pub metrics: Arc<ZoneMetrics>,
     /// Time-to-headers statistics (hedge delay); outlives tables.
-    pub stats: Arc<crate::hedge::ZoneStats>,
+    pub stats: Arc<crate::state::zone_stats::ZoneStats>,
 }
 
 #[derive(Clone)]
@@ -630,8 +633,8 @@ fn merge(mut v: Vec<Portion>) -> Vec<Portion> {
 mod tests {
     use super::*;
     use crate::config::{parse, Config};
-    use crate::health::{EndpointState, Status};
-    use crate::metrics::Metrics;
+    use crate::state::{EndpointState, Status};
+    use crate::telemetry::metrics::Metrics;
 
     fn config(dials: &str) -> Config {
         let text = format!(
@@ -661,7 +664,7 @@ cluster = "api"
         parse("t.toml", &text, &|_| None).expect("valid")
     }
 
-    fn cfg_decay() -> crate::health::Decay {
+    fn cfg_decay() -> crate::config::Decay {
         config("").routing.decay()
     }
 
@@ -700,7 +703,7 @@ cluster = "api"
             let runtime = Arc::new(ClusterRuntime {
                 shared,
                 client: (),
-                metrics: ClusterMetrics::new(&self.metrics, "api"),
+                metrics: ClusterMetrics::new(&self.metrics, "api", &Reason::LABELS),
             });
             let input = ClusterInput {
                 config: cc,

@@ -17,9 +17,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::proxy::Table;
-use crate::server::Router;
-use crate::table::zone_latency_ms;
+use crate::control::Table;
+use crate::ops::router::Router;
+use crate::routing::table::zone_latency_ms;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 

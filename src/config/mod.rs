@@ -1,0 +1,392 @@
+//! The config file: parse and validate, nothing else.
+//!
+//! Parsing happens in two steps. serde reads the TOML into `raw` structs that keep durations
+//! and addresses as strings (so a bad value is reported by us, with its key path, instead of
+//! by serde with a generic message); `validate` then turns them into the typed [`Config`] the
+//! rest of the program uses. Every error is one line: `FILE: KEY PATH: PROBLEM`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod raw;
+mod validate;
+
+use validate::validate;
+pub use validate::{parse_duration, parse_endpoint_address, DEFAULT_ADMIN, DEFAULT_LISTENER};
+
+/// One line naming the file, the key path and the problem.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: String,
+    pub path: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.file, self.problem)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.path, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the config came from, for messages.
+    pub source: String,
+    pub listener: ListenerConfig,
+    pub admin: AdminConfig,
+    pub locality: Locality,
+    pub routing: RoutingConfig,
+    pub dns: DnsConfig,
+    pub clusters: Vec<ClusterConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+/// How DNS-named endpoints are resolved (`[dns]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Ask only this nameserver (UDP), without /etc/hosts; `None`: the system resolver
+    /// (/etc/resolv.conf and /etc/hosts). For tests and split-horizon setups.
+    pub nameserver: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    pub tls: Option<ListenerTls>,
+    pub route_header: bool,
+    pub access_log: bool,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_concurrent_streams: u32,
+    /// Which HTTP/1.1 implementation serves plain-TCP clients.
+    pub http1_engine: Http1Engine,
+}
+
+/// `listener.http1_engine`: the native path (src/h1) by default; `hyper` serves every
+/// connection with hyper, as before the native path existed (for comparison, or as a way
+/// back if the native path misbehaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http1Engine {
+    Native,
+    Hyper,
+}
+
+impl Http1Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Http1Engine::Native => "native",
+            Http1Engine::Hyper => "hyper",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    /// The first pair is the default certificate; the others are picked by SNI.
+    pub certificates: Vec<CertFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+}
+
+/// Knobs of the routing table builder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingConfig {
+    /// A zone must be this much faster (relative) than the zone ranked ahead of it to pass it.
+    pub hysteresis: f64,
+    /// ...and stay faster for this long, unless it is at least twice as fast.
+    pub rank_hold: Duration,
+    /// Time constant of the peak-sensitive latency average (in-zone pick) after a peak.
+    pub latency_decay: Duration,
+    /// Time constant of the smoothed latency average that ranks zones.
+    pub rank_decay: Duration,
+}
+
+/// Time constants of an endpoint's two averages.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Decay {
+    pub peak: Duration,
+    pub smooth: Duration,
+}
+
+impl RoutingConfig {
+    pub fn decay(&self) -> Decay {
+        Decay {
+            peak: self.latency_decay,
+            smooth: self.rank_decay,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Affinity {
+    None,
+    SourceIp,
+    Header(http::HeaderName),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    pub sni: Option<String>,
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Percent (0-100) per region; regions not named have 100.
+    pub traffic_dial: BTreeMap<String, u8>,
+    /// When every undialled zone is down, dialled-down regions still serve.
+    pub dial_fallback: bool,
+    pub affinity: Affinity,
+    pub tls: Option<UpstreamTls>,
+    pub http2: bool,
+    /// Bounds on how long a DNS answer for this cluster's named endpoints is used before
+    /// the name is resolved again (the record's TTL, clamped to these).
+    pub dns_min_ttl: Duration,
+    pub dns_max_ttl: Duration,
+    pub connect_timeout: Duration,
+    pub max_requests_per_endpoint: u32,
+    pub overprovisioning_factor: f64,
+    pub health_check: HealthCheckConfig,
+    pub outlier: OutlierConfig,
+    pub retry: RetryConfig,
+    pub hedge: HedgeConfig,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckConfig {
+    /// HTTP GET of this path; `None` means a TCP connect check.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    /// Connect failures or 5xx in a row on real traffic that eject an endpoint; 0 disables.
+    pub consecutive_failures: u32,
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryConfig {
+    /// Extra attempts per request (0 disables retries).
+    pub attempts: u32,
+    pub budget_ratio: f64,
+    pub min_retries_per_second: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HedgeConfig {
+    pub enabled: bool,
+    /// `None`: the zone's recent p95.
+    pub delay: Option<Duration>,
+    pub budget_ratio: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointAddress {
+    Ip(SocketAddr),
+    Dns { host: String, port: u16 },
+    Srv { name: String },
+}
+
+impl fmt::Display for EndpointAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointAddress::Ip(a) => write!(f, "{a}"),
+            EndpointAddress::Dns { host, port } => write!(f, "{host}:{port}"),
+            EndpointAddress::Srv { name } => write!(f, "srv:{name}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    pub address: EndpointAddress,
+    pub region: String,
+    pub zone: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub host: Option<HostMatch>,
+    pub path_prefix: String,
+    pub cluster: String,
+    pub timeout: Duration,
+    /// Per-route override of the cluster's hedging switch.
+    pub hedge: Option<bool>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw, as written in the file.
+
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        path: String::new(),
+        problem: format!("cannot read: {e}"),
+    })?;
+    parse(&file, &text, &|name| std::env::var(name).ok())
+}
+
+/// Parses config text; `env` looks up variables for `${VAR}` expansion.
+pub fn parse(
+    file: &str,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let err = |path: String, problem: String| ConfigError {
+        file: file.to_string(),
+        path,
+        problem,
+    };
+    let expanded = expand_env(text, env).map_err(|(line, p)| err(format!("line {line}"), p))?;
+    let de = toml::Deserializer::new(&expanded);
+    let raw: raw::File = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.span().map(|s| {
+            expanded[..s.start.min(expanded.len())]
+                .lines()
+                .count()
+                .max(1)
+        });
+        // toml's own message spans several lines (a snippet with a caret); keep the first.
+        let msg = inner
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid")
+            .to_string();
+        let path = match (path.as_str(), line) {
+            (".", Some(l)) | ("", Some(l)) => format!("line {l}"),
+            (".", None) | ("", None) => String::new(),
+            (p, Some(l)) => format!("{p} (line {l})"),
+            (p, None) => p.to_string(),
+        };
+        err(path, msg)
+    })?;
+    validate(file, raw)
+}
+
+/// `${NAME}` and `${NAME:-default}` are replaced from the environment, so one file can serve
+/// every zone of a fleet. `$${` writes a literal `${`. Comment lines are left alone.
+fn expand_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') || !line.contains('$') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(pos) = rest.find('$') {
+            out.push_str(&rest[..pos]);
+            let after = &rest[pos..];
+            if let Some(stripped) = after.strip_prefix("$${") {
+                out.push_str("${");
+                rest = stripped;
+            } else if let Some(body) = after.strip_prefix("${") {
+                let end = body
+                    .find('}')
+                    .ok_or((i + 1, "unterminated ${ in variable reference".to_string()))?;
+                let spec = &body[..end];
+                let (name, default) = match spec.split_once(":-") {
+                    Some((n, d)) => (n, Some(d)),
+                    None => (spec, None),
+                };
+                let valid =
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    return Err((i + 1, format!("invalid variable name {name:?} in ${{...}}")));
+                }
+                match (env(name), default) {
+                    (Some(v), _) => out.push_str(&v),
+                    (None, Some(d)) => out.push_str(d),
+                    (None, None) => {
+                        return Err((i + 1, format!("environment variable {name} is not set")))
+                    }
+                }
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = &after[1..];
+            }
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+/// Parses "250ms", "2s", "1m", "1h", "500us".
+impl Config {
+    /// One line for `check` and the start-up log.
+    pub fn summary(&self) -> String {
+        let endpoints: usize = self.clusters.iter().map(|c| c.endpoints.len()).sum();
+        let zones: HashSet<(&str, &str)> = self
+            .clusters
+            .iter()
+            .flat_map(|c| {
+                c.endpoints
+                    .iter()
+                    .map(|e| (e.region.as_str(), e.zone.as_str()))
+            })
+            .collect();
+        format!(
+            "{}: ok: {} cluster(s), {} endpoint(s) in {} zone(s), {} route(s); listener {}, admin {}, locality {}/{}",
+            self.source,
+            self.clusters.len(),
+            endpoints,
+            zones.len(),
+            self.routes.len(),
+            self.listener.address,
+            self.admin.address,
+            self.locality.region,
+            self.locality.zone
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

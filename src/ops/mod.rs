@@ -1,0 +1,7 @@
+//! Operating the router: the running router's handle (start, reload, drain, readiness), the
+//! admin API and dashboard, the `status` command, and the demo.
+
+pub mod admin;
+pub mod demo;
+pub mod router;
+pub mod status;
