@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use edge_router::dataplane::hyper::{self as proxy, AccessLog};
+use edge_router::dataplane::request::{self as proxy, AccessLog};
 use edge_router::routing::table::Reason;
 use edge_router::telemetry::logging::{self, Format};
 use edge_router::telemetry::metrics::{ClusterMetrics, Metrics};

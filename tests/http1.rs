@@ -1637,18 +1637,19 @@ async fn request_targets_are_forwarded_unchanged_and_absolute_form_becomes_origi
             assert_eq!(up.last().target, target);
             assert_eq!(resp.text(), target);
         }
-        for (abs, origin) in [
-            ("http://test.local/abs/p?q=1", "/abs/p?q=1"),
-            ("http://test.local:8080/abs", "/abs"),
-            ("http://test.local", "/"),
+        for (abs, origin, host) in [
+            ("http://test.local/abs/p?q=1", "/abs/p?q=1", "test.local"),
+            ("http://test.local:8080/abs", "/abs", "test.local:8080"),
+            ("http://test.local:80/abs", "/abs", "test.local"),
+            ("http://test.local", "/", "test.local"),
         ] {
-            c.send(format!("GET {abs} HTTP/1.1\r\nHost: test.local\r\n\r\n"))
+            c.send(format!("GET {abs} HTTP/1.1\r\nHost: {host}\r\n\r\n"))
                 .await;
             let resp = c.read(false).await;
             assert_eq!(resp.status, 200, "{abs}");
             let q = up.last();
             assert_eq!(q.target, origin, "{abs}");
-            assert_eq!(q.header("host"), Some("test.local"), "{abs}");
+            assert_eq!(q.header("host"), Some(host), "{abs}");
             assert_eq!(q.version, "HTTP/1.1");
         }
     })

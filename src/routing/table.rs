@@ -136,7 +136,9 @@ impl<C> RoutingTable<C> {
                 (None, _) => true,
                 (Some(_), None) => false,
                 (Some(HostMatch::Exact(h)), Some(req)) => h.eq_ignore_ascii_case(req),
+                // Bytes, not str: a suffix boundary may fall inside a multi-byte character.
                 (Some(HostMatch::Suffix(s)), Some(req)) => {
+                    let (req, s) = (req.as_bytes(), s.as_bytes());
                     req.len() > s.len() && req[req.len() - s.len()..].eq_ignore_ascii_case(s)
                 }
             };
@@ -960,5 +962,76 @@ cluster = "api"
             }]
         );
         assert_eq!(c.zones[0].candidates.len(), 2);
+    }
+
+    #[test]
+    fn host_matching_never_panics_and_agrees_with_a_byte_reference() {
+        let cfg = parse(
+            "t.toml",
+            r#"
+[locality]
+region = "r1"
+zone = "a"
+[[cluster]]
+name = "api"
+[[cluster.endpoint]]
+address = "127.0.0.1:1"
+region = "r1"
+zone = "a"
+[[route]]
+host = "*.ab"
+path_prefix = "/"
+cluster = "api"
+[[route]]
+host = "exact.test"
+path_prefix = "/"
+cluster = "api"
+"#,
+            &|_| None,
+        )
+        .expect("valid");
+        let f = Fixture::new(&[("r1", "a", 1, 1.0)]);
+        let t = f.build(&mut TableBuilder::new(), &cfg, Instant::now());
+        let reference = |h: &str| {
+            let b = h.as_bytes();
+            (b.len() > 3 && b[b.len() - 3..].eq_ignore_ascii_case(b".ab"))
+                || b.eq_ignore_ascii_case(b"exact.test")
+        };
+        let mut cases: Vec<String> = [
+            "x\u{e9}ab",
+            "\u{e9}.ab",
+            "a.AB",
+            "ab",
+            ".ab",
+            "\u{1F600}b",
+            "EXACT.test",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Arbitrary bytes (as the engines could pass them on), from a fixed seed.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut bytes = Vec::new();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            for i in 0..(x % 9) {
+                let b = (x >> (i * 7)) as u8;
+                bytes.push(if b % 3 == 0 {
+                    b'.'
+                } else if b % 5 == 0 {
+                    b'a'
+                } else {
+                    b
+                });
+            }
+            bytes.extend_from_slice(if x % 2 == 0 { b"ab" } else { b".ab" });
+            cases.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        for h in &cases {
+            let got = t.match_route(Some(h), "/").is_some();
+            assert_eq!(got, reference(h), "host {h:?}");
+        }
     }
 }

@@ -385,7 +385,8 @@ impl EndpointMetrics {
 
 /// The `x-edge-error` kinds a cluster's requests can end with; their counters are resolved
 /// (and shown at zero) when the cluster is set up.
-pub const CLUSTER_ERROR_KINDS: [&str; 8] = [
+pub const CLUSTER_ERROR_KINDS: [&str; 9] = [
+    "client_abort",
     "no_endpoint",
     "endpoints_saturated",
     "dial_limit",
@@ -435,6 +436,14 @@ impl ClusterMetrics {
                 .iter()
                 .map(|k| m.errors.with_label_values(&[cluster, k]))
                 .collect(),
+        }
+    }
+
+    /// The counter of one error kind (for a request that may count it later).
+    pub fn error_counter(&self, kind: &str) -> IntCounter {
+        match CLUSTER_ERROR_KINDS.iter().position(|k| *k == kind) {
+            Some(i) => self.known_errors[i].clone(),
+            None => self.errors.with_label_values(&[&self.cluster, kind]),
         }
     }
 

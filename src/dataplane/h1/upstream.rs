@@ -1,0 +1,202 @@
+//! The client role: one attempt to an endpoint up to its response head, on a pooled
+//! connection or a new one, and the response head rewritten for the client.
+
+use super::*;
+
+/// Why an upstream attempt failed before a response head arrived.
+pub(super) enum Failure {
+    /// Nothing was sent: the connect failed (or timed out).
+    Connect(io::Error),
+    /// The connection broke (or the upstream sent garbage) after the request went out.
+    Reset(io::Error),
+}
+
+/// What the first part of an attempt gives: the upstream connection and the response head
+/// parsed and already rewritten for the client.
+pub(super) struct Head {
+    pub(super) conn: TcpStream,
+    pub(super) rbuf: BytesMut,
+    pub(super) start: ResponseStart,
+}
+
+/// One attempt up to the response head: a pooled connection (or a new one), the request
+/// head and body, the response head. A pooled connection the upstream closed meanwhile is
+/// replaced by a new one when the write failed (nothing was taken) or, for idempotent
+/// requests, when it closed without a byte of answer.
+pub(super) async fn send(
+    first: &[u8],
+    ep: &crate::state::EndpointState,
+    connect_timeout: Duration,
+    head_method: bool,
+    idempotent: bool,
+) -> Result<Head, Failure> {
+    let (mut conn, mut reused) = ep
+        .idle
+        .acquire(ep.addr, connect_timeout)
+        .await
+        .map_err(Failure::Connect)?;
+    loop {
+        if let Err(e) = conn.write_all(first).await {
+            // Nothing reached a pooled connection the upstream had closed: a new one.
+            if reused {
+                conn = redial(ep, connect_timeout).await?;
+                reused = false;
+                continue;
+            }
+            return Err(Failure::Reset(e));
+        }
+        let mut rbuf = take_buf();
+        loop {
+            match response_start(&rbuf, head_method) {
+                Ok(Some(start)) if start.informational => {
+                    // 100 Continue and friends: not for the client of this path.
+                    rbuf.advance(start.head_len);
+                    continue;
+                }
+                Ok(Some(start)) => return Ok(Head { conn, rbuf, start }),
+                Ok(None) => {}
+                Err(e) => return Err(Failure::Reset(e)),
+            }
+            if rbuf.len() >= MAX_RESPONSE_HEAD {
+                return Err(Failure::Reset(io::Error::other("response head too large")));
+            }
+            if rbuf.capacity() - rbuf.len() < 1024 {
+                rbuf.reserve(BUF_SIZE);
+            }
+            match conn.read_buf(&mut rbuf).await {
+                Ok(0) if reused && idempotent && rbuf.is_empty() => break,
+                Ok(0) => {
+                    return Err(Failure::Reset(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed before the response head",
+                    )))
+                }
+                Err(_) if reused && idempotent && rbuf.is_empty() => break,
+                Err(e) => return Err(Failure::Reset(e)),
+                Ok(_) => {}
+            }
+        }
+        // The pooled connection was closed under us: once more on a new one.
+        give_buf(rbuf);
+        conn = redial(ep, connect_timeout).await?;
+        reused = false;
+    }
+}
+
+pub(super) async fn redial(
+    ep: &crate::state::EndpointState,
+    connect_timeout: Duration,
+) -> Result<TcpStream, Failure> {
+    crate::upstream::IdlePool::dial(ep.addr, connect_timeout)
+        .await
+        .map_err(Failure::Connect)
+}
+
+/// A parsed upstream response head, rewritten for the client.
+pub(super) struct ResponseStart {
+    pub(super) head_len: usize,
+    pub(super) status: u16,
+    pub(super) informational: bool,
+    pub(super) framing: Framing,
+    /// The upstream keeps the connection open after this response.
+    pub(super) upstream_keep_alive: bool,
+    /// The client head without the router's own headers and the final CRLF.
+    pub(super) out: Scratch,
+    pub(super) has_date: bool,
+}
+
+pub(super) fn response_start(rbuf: &[u8], head_method: bool) -> io::Result<Option<ResponseStart>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(rbuf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(io::Error::other(format!("bad response head: {e}"))),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return Err(io::Error::other("bad response head"));
+    };
+    if status == 101 {
+        return Err(io::Error::other(
+            "101 to a request that did not ask to upgrade",
+        ));
+    }
+    let informational = (100..200).contains(&status);
+    let mut conn = ConnectionOptions::default();
+    let mut length = None;
+    let mut chunked = false;
+    let mut te = false;
+    let mut has_date = false;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            conn.add(h.value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            length = Some(
+                wire::content_length(length, h.value)
+                    .map_err(|_| io::Error::other("bad content-length from upstream"))?,
+            );
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = true;
+            chunked = wire::ends_chunked(h.value).unwrap_or(false);
+        } else if name.eq_ignore_ascii_case(b"date") {
+            has_date = true;
+        }
+    }
+    let framing = if head_method || informational || status == 204 || status == 304 {
+        Framing::None
+    } else if te {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    let mut out = Scratch::take();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    wire::put_u64(&mut out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        let framing_header =
+            name.eq_ignore_ascii_case(b"content-length") && matches!(framing, Framing::Length(_));
+        if wire::is_hop_by_hop(name, h.value)
+            || conn.names(name)
+            || framing_header
+            || name.eq_ignore_ascii_case(b"x-request-id")
+        {
+            continue;
+        }
+        wire::put_header(&mut out, name, h.value);
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            wire::put_u64(&mut out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        // A body that ends with the upstream's connection is re-framed as chunked, so the
+        // client's connection outlives it.
+        Framing::Chunked | Framing::Close => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+        }
+        Framing::None => {}
+    }
+    Ok(Some(ResponseStart {
+        head_len,
+        status,
+        informational,
+        framing,
+        upstream_keep_alive: version == 1 && !conn.close,
+        out,
+        has_date,
+    }))
+}

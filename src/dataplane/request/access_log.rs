@@ -1,0 +1,130 @@
+//! The end of a request: its access-log line and the accounting of the response body.
+
+use super::*;
+
+/// Finishes a request when its response body ends or is dropped: releases the in-flight mark,
+/// counts bytes, writes the access log.
+pub struct Completion {
+    pub(super) in_flight: InFlight,
+    pub(super) bytes: u64,
+    pub(super) complete: bool,
+    pub(super) response_bytes: prometheus::IntCounter,
+    /// For a response the upstream broke off mid-body: counted, and fed to outlier detection.
+    pub(super) upstream_reset: prometheus::IntCounter,
+    pub(super) outlier: OutlierConfig,
+    pub(super) log: Option<AccessLog>,
+}
+
+impl Completion {
+    /// Body bytes sent to the client.
+    pub fn sent(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
+    /// The body ended: logged as complete when this is dropped.
+    pub fn complete(&mut self) {
+        self.complete = true;
+    }
+
+    /// The upstream broke off after the response head: an `upstream_reset` against the
+    /// endpoint (its outlier streak too), even though the status already went out.
+    pub fn upstream_broke(&mut self) {
+        self.upstream_reset.inc();
+        self.in_flight
+            .endpoint()
+            .record_outcome(true, &self.outlier);
+        if let Some(l) = self.log.as_mut() {
+            l.error = Some(ErrorKind::UpstreamReset.as_str());
+        }
+    }
+}
+
+/// One request's access-log record: gathered while the request is routed, written (target
+/// `access`, level info) when the response body ends, or at once for a response the
+/// router makes itself. Built only when `listener.access_log` is on.
+pub struct AccessLog {
+    pub method: Method,
+    pub host: String,
+    pub path: String,
+    pub status: u16,
+    pub started: Instant,
+    /// `None` when no route matched.
+    pub cluster: Option<Arc<str>>,
+    /// The serving zone and endpoint; `None` when no endpoint was tried.
+    pub region: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub endpoint: Option<Arc<str>>,
+    pub reason: Option<Reason>,
+    /// The `x-edge-error` kind of a response the router made itself.
+    pub error: Option<&'static str>,
+    pub request_id: HeaderValue,
+    pub client: SocketAddr,
+}
+
+impl AccessLog {
+    /// The record of a request as it arrives; the rest is filled in as it is routed.
+    pub fn new(
+        method: Method,
+        host: Option<&str>,
+        path: &str,
+        started: Instant,
+        request_id: &HeaderValue,
+        client: SocketAddr,
+    ) -> AccessLog {
+        AccessLog {
+            method,
+            host: host.unwrap_or_default().to_string(),
+            path: path.to_string(),
+            status: 0,
+            started,
+            cluster: None,
+            region: None,
+            zone: None,
+            endpoint: None,
+            reason: None,
+            error: None,
+            request_id: request_id.clone(),
+            client,
+        }
+    }
+
+    pub(crate) fn served_by(&mut self, zone: &ZoneTable, endpoint: &Arc<str>, reason: Reason) {
+        self.region = Some(zone.region.clone());
+        self.zone = Some(zone.zone.clone());
+        self.endpoint = Some(endpoint.clone());
+        self.reason = Some(reason);
+    }
+
+    /// Writes the event. `bytes` is the response body sent; `complete` is false when the
+    /// client went away (or the upstream broke off) before the body ended.
+    pub fn emit(&self, bytes: u64, complete: bool) {
+        info!(
+            target: "access",
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status = self.status,
+            // Microsecond precision: no float noise (2.309 ms, not 2.3089679999999997).
+            duration_ms = (self.started.elapsed().as_micros() as f64) / 1e3,
+            bytes,
+            complete,
+            cluster = self.cluster.as_deref(),
+            region = self.region.as_deref(),
+            zone = self.zone.as_deref(),
+            endpoint = self.endpoint.as_deref(),
+            reason = self.reason.map(Reason::as_str),
+            error = self.error,
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            client = %self.client,
+        );
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        self.response_bytes.inc_by(self.bytes);
+        if let Some(l) = &self.log {
+            l.emit(self.bytes, self.complete);
+        }
+    }
+}
