@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-// 10. Stale pooled connections.
+// Stale pooled connections.
 
 async fn upstream_closing_after_each_response_never_surfaces_as_502(engine: Engine) {
     let (up, r) = setup(
@@ -95,7 +95,7 @@ both_engines!(
     hyper = "hyper engine: a GET meeting a pooled upstream connection closed unanswered gets 502 upstream_reset, not a retry"
 );
 
-// 11. Client gone mid-response.
+// Client gone mid-response.
 
 async fn client_leaving_mid_response_releases_the_request(engine: Engine) {
     let chunk = 16 * 1024;
@@ -147,7 +147,7 @@ async fn client_leaving_mid_response_releases_the_request(engine: Engine) {
 }
 both_engines!(client_leaving_mid_response_releases_the_request);
 
-// 12. Expect: 100-continue.
+// Expect: 100-continue.
 
 async fn expect_100_continue_gets_the_interim_and_the_body_through(engine: Engine) {
     let (up, r) = setup(
@@ -186,7 +186,7 @@ async fn expect_100_continue_gets_the_interim_and_the_body_through(engine: Engin
 }
 both_engines!(expect_100_continue_gets_the_interim_and_the_body_through);
 
-// 13. Upstream down.
+// Upstream down.
 
 async fn post_to_a_refusing_upstream_gets_502_promptly(engine: Engine) {
     let dead = {
@@ -232,7 +232,7 @@ async fn post_to_a_refusing_upstream_gets_502_promptly(engine: Engine) {
 }
 both_engines!(post_to_a_refusing_upstream_gets_502_promptly);
 
-// N1. Slow and trickled heads.
+// Slow and trickled heads.
 
 async fn trickled_heads_are_served_and_unfinished_heads_are_cut_at_the_header_timeout(
     engine: Engine,
@@ -314,7 +314,7 @@ async fn trickled_heads_are_served_and_unfinished_heads_are_cut_at_the_header_ti
 }
 both_engines!(trickled_heads_are_served_and_unfinished_heads_are_cut_at_the_header_timeout);
 
-// N2. Keep-alive idle timeout.
+// Keep-alive idle timeout.
 
 async fn idle_keep_alive_connections_close_after_idle_timeout_busy_ones_stay(engine: Engine) {
     let (_up, r) = setup(
@@ -370,7 +370,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout_busy_ones_stay(eng
 }
 both_engines!(idle_keep_alive_connections_close_after_idle_timeout_busy_ones_stay);
 
-// N3. Request body sizes around the native path's in-hand limit (16 KiB).
+// Request body sizes around the native engine's in-hand limit (16 KiB).
 
 async fn bodies_around_16k_sent_in_two_parts_arrive_exact_and_keep_the_connection(engine: Engine) {
     let (up, r) = setup(
@@ -439,7 +439,8 @@ async fn bodies_around_16k_sent_in_two_parts_arrive_exact_and_keep_the_connectio
 }
 both_engines!(bodies_around_16k_sent_in_two_parts_arrive_exact_and_keep_the_connection);
 
-// N4. A hand-off to hyper in the middle of a connection.
+// A 100-continue request between plain ones on one connection (on the native engine, a
+// hand-off to hyper and back).
 
 async fn get_then_expect_continue_then_get_on_one_connection_are_answered_in_order(engine: Engine) {
     let (up, r) = setup(
@@ -499,7 +500,7 @@ async fn get_then_expect_continue_then_get_on_one_connection_are_answered_in_ord
 }
 both_engines!(get_then_expect_continue_then_get_on_one_connection_are_answered_in_order);
 
-// N5. Pipelined POSTs.
+// Pipelined POSTs.
 
 async fn pipelined_posts_then_a_get_are_answered_in_order_with_their_bodies(engine: Engine) {
     let (up, r) = setup(
@@ -559,7 +560,7 @@ async fn pipelined_posts_then_a_get_are_answered_in_order_with_their_bodies(engi
 }
 both_engines!(pipelined_posts_then_a_get_are_answered_in_order_with_their_bodies);
 
-// N6. listener.http1_engine.
+// listener.http1_engine.
 
 async fn http1_engine_serves_and_a_bogus_engine_is_refused_by_check(engine: Engine) {
     let (up, r) = setup(
@@ -641,7 +642,7 @@ async fn http1_engine_serves_and_a_bogus_engine_is_refused_by_check(engine: Engi
 }
 both_engines!(http1_engine_serves_and_a_bogus_engine_is_refused_by_check);
 
-// N7. Drain on the native path.
+// Drain.
 
 /// A slow request in flight on one keep-alive connection and another keep-alive connection
 /// idle when the router is told to shut down: the slow one is answered whole, with
@@ -704,7 +705,7 @@ async fn drain_finishes_the_request_in_flight_with_close_and_closes_idle_connect
 
 both_engines!(drain_finishes_the_request_in_flight_with_close_and_closes_idle_connections);
 
-// N8. Many connections.
+// Many connections.
 
 async fn three_hundred_connections_of_five_requests_all_succeed_and_in_flight_returns_to_zero(
     engine: Engine,
@@ -735,8 +736,7 @@ async fn three_hundred_connections_of_five_requests_all_succeed_and_in_flight_re
 both_engines!(three_hundred_connections_of_five_requests_all_succeed_and_in_flight_returns_to_zero);
 
 /// The same against an upstream whose accept queue is the usual 128 (Rust std, mio, many
-/// servers). When written: the hyper engine passed it 3 of 3 runs; the native path failed
-/// 4 of 4 (22 to 153 of the 1500 requests 502, "connect: connect timed out" in the log).
+/// servers): a burst of upstream connects must not overrun it into connect timeouts (502).
 async fn three_hundred_connections_to_an_upstream_with_a_128_backlog_all_succeed(engine: Engine) {
     let up = RawUpstream::start(Arc::new(|q: &UpReq| Action::Reply(echo_reply(q)))).await;
     let r = engine.router(up.addr, "").await;

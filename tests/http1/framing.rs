@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use crate::support::*;
 
-// ---------------------------------------------------------------------------------------
-// 1. Content-Length bodies.
+// Content-Length bodies.
 
 async fn content_length_bodies_pass_byte_exact_both_ways(engine: Engine) {
     let big = pattern(1 << 20, 3);
@@ -54,7 +53,7 @@ async fn content_length_bodies_pass_byte_exact_both_ways(engine: Engine) {
 }
 both_engines!(content_length_bodies_pass_byte_exact_both_ways);
 
-// 2. Chunked request body.
+// Chunked request body.
 
 async fn chunked_request_body_arrives_complete_and_validly_framed(engine: Engine) {
     let (up, r) = setup(
@@ -111,7 +110,7 @@ async fn chunked_request_body_arrives_complete_and_validly_framed(engine: Engine
 }
 both_engines!(chunked_request_body_arrives_complete_and_validly_framed);
 
-// 3. Upstream chunked and close-delimited responses.
+// Upstream chunked and close-delimited responses.
 
 async fn upstream_chunked_and_close_delimited_responses_are_reframed(engine: Engine) {
     let long = pattern(200_000, 5);
@@ -223,7 +222,7 @@ both_engines!(
     hyper = "pending: hyper engine answers HTTP/1.0 when the upstream spoke HTTP/1.0"
 );
 
-// 4. HEAD, 204, 304.
+// HEAD, 204, 304.
 
 async fn head_204_and_304_have_no_body_and_keep_the_connection(engine: Engine) {
     let (up, r) = setup(
@@ -296,7 +295,7 @@ async fn head_204_and_304_have_no_body_and_keep_the_connection(engine: Engine) {
 }
 both_engines!(head_204_and_304_have_no_body_and_keep_the_connection);
 
-// 5. Pipelining.
+// Pipelining.
 
 async fn pipelined_requests_are_answered_in_order_on_one_connection(engine: Engine) {
     let (_up, r) = setup(
@@ -323,7 +322,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection(engine: Engi
 }
 both_engines!(pipelined_requests_are_answered_in_order_on_one_connection);
 
-// 6. HTTP/1.0 clients.
+// HTTP/1.0 clients.
 
 async fn http10_closes_without_keep_alive_and_keeps_with_it(engine: Engine) {
     let (_up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
@@ -362,7 +361,7 @@ async fn http10_closes_without_keep_alive_and_keeps_with_it(engine: Engine) {
 }
 both_engines!(http10_closes_without_keep_alive_and_keeps_with_it);
 
-// 7. Keep-alive and upstream connection reuse.
+// Keep-alive and upstream connection reuse.
 
 async fn fifty_requests_on_one_connection_reuse_upstream_connections(engine: Engine) {
     let _ = tracing_subscriber::fmt()
@@ -392,7 +391,7 @@ async fn fifty_requests_on_one_connection_reuse_upstream_connections(engine: Eng
 }
 both_engines!(fifty_requests_on_one_connection_reuse_upstream_connections);
 
-// 8. Bad framing and smuggling.
+// Bad framing and smuggling.
 
 async fn bad_framing_gets_400_closes_and_reaches_nothing(engine: Engine) {
     let (up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
@@ -495,9 +494,10 @@ both_engines!(
         "hyper engine: a bad chunk size gets 502 upstream_reset (head already forwarded), not 400"
 );
 
-/// The floor for a bad chunk size: an error answer (today 502 upstream_reset), the client
-/// connection closed, and the upstream never reads a complete request (the head may have
-/// gone ahead of the body; the upstream connection is then cut, never reused).
+/// The floor for a bad chunk size: an error answer (400, or 502 upstream_reset when the head
+/// went ahead), the client connection closed, and the upstream never reads a complete request
+/// (the head may have gone ahead of the body; the upstream connection is then cut, never
+/// reused).
 async fn invalid_chunk_size_never_completes_upstream(engine: Engine) {
     let (up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
     let o = try_bad(&r, &up, "invalid chunk size", BAD_CHUNK).await;
@@ -546,7 +546,7 @@ async fn head_over_max_header_bytes_gets_431(engine: Engine) {
 }
 both_engines!(head_over_max_header_bytes_gets_431);
 
-// 15. Request targets.
+// Request targets.
 
 async fn request_targets_are_forwarded_unchanged_and_absolute_form_becomes_origin_form(
     engine: Engine,

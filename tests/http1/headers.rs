@@ -2,7 +2,7 @@
 
 use crate::support::*;
 
-// 9. Hop-by-hop and forwarding headers.
+// Hop-by-hop and forwarding headers.
 
 async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set(engine: Engine) {
     let (up, r) = setup(
@@ -136,7 +136,7 @@ async fn connection_options_on_a_second_line_are_stripped_too(engine: Engine) {
 }
 both_engines!(connection_options_on_a_second_line_are_stripped_too);
 
-// 14. Many response headers, Set-Cookie order.
+// Many response headers, Set-Cookie order.
 
 async fn many_headers_and_set_cookie_lines_reach_the_client_in_order(engine: Engine) {
     let (_up, r) = setup(

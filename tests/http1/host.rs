@@ -5,7 +5,7 @@
 
 use crate::support::*;
 
-/// What the upstream already answers for the wildcard route: its target, in `x-path`.
+/// A wildcard route: exactly one more label under `ab`.
 const WILDCARD_ROUTE: &str =
     "\n[[route]]\nhost = \"*.ab\"\npath_prefix = \"/\"\ncluster = \"api\"\n";
 
@@ -72,7 +72,7 @@ async fn bad_host(r: &TestRouter, up: &RawUpstream, what: &str, raw: &[u8]) {
 
 async fn non_ascii_host_against_a_wildcard_route_gets_400_bad_host(engine: Engine) {
     let (up, r) = setup_with_wildcard(engine).await;
-    // The same connection-level path a good `*.ab` host takes is served.
+    // A good `*.ab` host is served.
     let mut c = Conn::open(r.addr).await;
     c.send("GET /w HTTP/1.1\r\nHost: x.ab\r\n\r\n").await;
     assert_eq!(c.read(false).await.status, 200);
