@@ -166,8 +166,9 @@ pub(super) fn response_start(rbuf: &[u8], head_method: bool) -> io::Result<Optio
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
-        let framing_header =
-            name.eq_ignore_ascii_case(b"content-length") && matches!(framing, Framing::Length(_));
+        // With Transfer-Encoding, Content-Length is stale (RFC 9112 6.3) and never relayed.
+        let framing_header = name.eq_ignore_ascii_case(b"content-length")
+            && (te || matches!(framing, Framing::Length(_)));
         if wire::is_hop_by_hop(name, h.value)
             || conn.names(name)
             || framing_header

@@ -311,8 +311,12 @@ async fn forward(
 /// What a failed hyper client request means for the exchange.
 fn attempt_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
     let detail = upstream::describe_failure(e);
-    if client_side(e) {
-        AttemptError::ClientGone
+    if let Some(malformed) = client_side(e) {
+        if malformed {
+            AttemptError::ClientBad
+        } else {
+            AttemptError::ClientGone
+        }
     } else if e.is_connect() || upstream::tls_problem(e).is_some() {
         AttemptError::Connect {
             tls: upstream::tls_problem(e).is_some(),
@@ -323,30 +327,29 @@ fn attempt_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
     }
 }
 
-/// Whether a failed upstream request failed because the client's body stream broke (the
-/// client aborted its upload), which is never the endpoint's fault.
-fn client_side(e: &hyper_util::client::legacy::Error) -> bool {
+/// Whether a failed upstream request failed because of the client's body stream, which is
+/// never the endpoint's fault: `Some(true)` when the client sent bad framing (it is still
+/// there to be told), `Some(false)` when it went away mid-upload.
+fn client_side(e: &hyper_util::client::legacy::Error) -> Option<bool> {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            if h.is_user()
-                && std::error::Error::source(h).is_some_and(|inner| {
-                    inner
-                        .downcast_ref::<upstream::body::ClientBodyError>()
-                        .is_some()
-                })
-            {
-                return true;
+        if let Some(c) = s.downcast_ref::<upstream::body::ClientBodyError>() {
+            let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(&c.0);
+            while let Some(i) = inner {
+                if let Some(io) = i.downcast_ref::<std::io::Error>() {
+                    let bad = matches!(
+                        io.kind(),
+                        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+                    );
+                    return Some(bad);
+                }
+                inner = i.source();
             }
-        }
-        if s.downcast_ref::<upstream::body::ClientBodyError>()
-            .is_some()
-        {
-            return true;
+            return Some(c.0.is_parse());
         }
         src = s.source();
     }
-    false
+    None
 }
 
 /// The value of the cluster's affinity header in `headers`, when the cluster has one.
@@ -458,7 +461,11 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
         if let Ok(list) = conn.to_str() {
             for name in list.split(',') {
                 let name = name.trim();
-                if !name.is_empty() && !name.eq_ignore_ascii_case("te") {
+                // Host is never hop-by-hop: the upstream must see what was routed.
+                if !name.is_empty()
+                    && !name.eq_ignore_ascii_case("te")
+                    && !name.eq_ignore_ascii_case("host")
+                {
                     h.remove(name);
                 }
             }
@@ -484,6 +491,14 @@ fn prepare_upstream_headers(
     request_id: &HeaderValue,
 ) {
     remove_hop_by_hop(h);
+    let lookalikes: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| request::is_forwarding_lookalike(n.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for n in lookalikes {
+        h.remove(n);
+    }
     let ip = client.ip().to_canonical();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),

@@ -112,7 +112,7 @@ impl ErrorKind {
             ErrorKind::UpgradeUnsupported => {
                 "this cluster talks HTTP/2 to its upstreams; HTTP/1.1 Upgrade cannot pass"
             }
-            ErrorKind::BadRequest => "request target is not valid",
+            ErrorKind::BadRequest => "the request is malformed",
             ErrorKind::BadHost => "missing, duplicate or invalid Host",
             ErrorKind::MethodNotAllowed => "this method is not proxied",
             ErrorKind::ClientAbort => "the client went away",
@@ -179,6 +179,8 @@ pub enum AttemptError {
     Timeout,
     /// The client broke off (while its body was being read or sent): nobody to answer.
     ClientGone,
+    /// The client's body was malformed (bad chunk framing): a 400, nobody else's fault.
+    ClientBad,
 }
 
 /// What an engine does after a failed attempt.
@@ -344,6 +346,10 @@ impl<'t> Exchange<'t> {
                     l.emit(0, false);
                 }
                 return Next::Abort;
+            }
+            AttemptError::ClientBad => {
+                cm.error(ErrorKind::BadRequest.as_str());
+                return Next::Reply(ErrorReply::new(ErrorKind::BadRequest, self.log.take()));
             }
             AttemptError::Timeout => {
                 ep.observe(self.timeout, cluster.decay);
