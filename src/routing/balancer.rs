@@ -35,6 +35,12 @@ pub fn random_u64() -> u64 {
     })
 }
 
+/// Seeds this thread's generator: a test gets the same draws on every run.
+#[cfg(test)]
+pub(crate) fn seed(s: u64) {
+    RNG.with(|c| c.set(s | 1));
+}
+
 /// Uniform in [0, 1).
 pub fn random_unit() -> f64 {
     (random_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -259,3 +265,7 @@ fn smooth_cost(e: &EndpointEntry) -> f64 {
     let lat = e.state.smoothed.get_us().unwrap_or(30_000.0);
     lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
 }
+
+#[cfg(test)]
+#[path = "balancer_tests.rs"]
+mod tests;

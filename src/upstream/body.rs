@@ -6,6 +6,8 @@
 //! request with a body can be retried on another endpoint like any other.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -35,6 +37,9 @@ pub enum RequestBody {
         bytes: prometheus::IntCounter,
         /// Where the body goes back if it is dropped unread.
         unread: Option<oneshot::Sender<Incoming>>,
+        /// Set when the client's stream broke: whatever the upstream does next (it may
+        /// break off its answer too) is then the client's doing.
+        client_broke: Arc<AtomicBool>,
     },
     Empty,
 }
@@ -44,11 +49,13 @@ impl RequestBody {
         inner: Incoming,
         bytes: prometheus::IntCounter,
         unread: oneshot::Sender<Incoming>,
+        client_broke: Arc<AtomicBool>,
     ) -> RequestBody {
         RequestBody::Stream {
             inner: Some(inner),
             bytes,
             unread: Some(unread),
+            client_broke,
         }
     }
 }
@@ -76,6 +83,7 @@ impl Body for RequestBody {
                 inner: Some(inner),
                 bytes,
                 unread,
+                client_broke,
             } => {
                 // Read once: it can no longer be handed back whole.
                 *unread = None;
@@ -86,7 +94,10 @@ impl Body for RequestBody {
                         }
                         Poll::Ready(Some(Ok(f)))
                     }
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError(e)))),
+                    Poll::Ready(Some(Err(e))) => {
+                        client_broke.store(true, Ordering::Relaxed);
+                        Poll::Ready(Some(Err(ClientBodyError(e))))
+                    }
                     Poll::Ready(None) => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 }

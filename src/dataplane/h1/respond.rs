@@ -82,12 +82,15 @@ pub(super) async fn respond(
                 break;
             }
             Ok(0) | Err(_) => {
+                // The upstream broke off mid-body: its fault, counted against it.
+                done.upstream_broke();
                 ok = false;
                 break;
             }
             Ok(_) => {}
         }
         let Ok((n, end)) = body.take(&rbuf) else {
+            done.upstream_broke();
             ok = false;
             break;
         };

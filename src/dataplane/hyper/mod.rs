@@ -6,6 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -213,6 +214,8 @@ async fn forward(
     // Kept only when a retry or a hedge could need them: both resend the same request.
     let saved_headers = (cfg.retry.attempts > 0 || hedge_on).then(|| parts.headers.clone());
     let mut body = Some(body);
+    // Shared with the request body: whether the client broke its upload.
+    let client_broke = Arc::new(AtomicBool::new(false));
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     let version = if cfg.http2 {
         Version::HTTP_2
@@ -234,7 +237,7 @@ async fn forward(
             Some(b) if !b.is_end_stream() => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 (
-                    RequestBody::stream(b, cm.request_bytes.clone(), tx),
+                    RequestBody::stream(b, cm.request_bytes.clone(), tx, client_broke.clone()),
                     Some(Returned(rx)),
                 )
             }
@@ -279,7 +282,7 @@ async fn forward(
                 let route = x
                     .route_header(route_header)
                     .map(|(z, e, r)| self::route_header(z, e, r));
-                return finish_response(resp, in_flight, x, route);
+                return finish_response(resp, in_flight, x, route, client_broke);
             }
             Err(_) => AttemptError::Timeout,
             Ok(Err(e)) => {
@@ -368,6 +371,7 @@ fn finish_response(
     in_flight: InFlight,
     x: Exchange<'_>,
     route_header: Option<HeaderValue>,
+    client_broke: Arc<AtomicBool>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     // Both framings from the upstream: Transfer-Encoding wins (RFC 9112 6.3) and the stale
@@ -381,9 +385,10 @@ fn finish_response(
     if let Some(v) = route_header {
         parts.headers.insert(&X_EDGE_ROUTE, v);
     }
-    let done = Box::new(x.completion(in_flight));
+    let mut done = Box::new(x.completion(in_flight).watch_client(Some(client_broke)));
     let body = if body.is_end_stream() {
         // Nothing will ever be polled: finish now rather than when hyper drops the body.
+        done.complete();
         drop(done);
         ResponseBody::Upstream {
             inner: body,

@@ -72,6 +72,8 @@ pub(super) async fn forward_upgrade(
         "http"
     };
     let mut body = Some(body);
+    // Shared with the request body: whether the client broke its upload.
+    let client_broke = Arc::new(AtomicBool::new(false));
     loop {
         let (ep, zone) = x.target();
         let Ok(uri) = upstream_uri(scheme, &ep.label, &path_and_query) else {
@@ -84,7 +86,7 @@ pub(super) async fn forward_upgrade(
             Some(b) if !b.is_end_stream() => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 (
-                    RequestBody::stream(b, cm.request_bytes.clone(), tx),
+                    RequestBody::stream(b, cm.request_bytes.clone(), tx, client_broke.clone()),
                     Some(Returned(rx)),
                 )
             }
@@ -108,7 +110,7 @@ pub(super) async fn forward_upgrade(
                     .map(|(z, e, r)| self::route_header(z, e, r));
                 if status != StatusCode::SWITCHING_PROTOCOLS {
                     // Declined: an ordinary response.
-                    return finish_response(resp, in_flight, x, route);
+                    return finish_response(resp, in_flight, x, route, client_broke);
                 }
                 drop(in_flight);
                 let upstream = hyper::upgrade::on(&mut resp);

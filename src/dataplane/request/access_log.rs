@@ -1,6 +1,7 @@
 //! The end of a request: its access-log line and the accounting of the response body.
 
 use super::*;
+use std::sync::atomic::AtomicBool;
 
 /// Finishes a request when its response body ends or is dropped: releases the in-flight mark,
 /// counts bytes, writes the access log.
@@ -13,9 +14,17 @@ pub struct Completion {
     pub(super) upstream_reset: prometheus::IntCounter,
     pub(super) outlier: OutlierConfig,
     pub(super) log: Option<AccessLog>,
+    /// Set by the request body when the client's upload broke (engines that stream it).
+    pub(super) client_broke: Option<Arc<AtomicBool>>,
 }
 
 impl Completion {
+    /// The flag the request body sets when the client's upload breaks.
+    pub fn watch_client(mut self, flag: Option<Arc<AtomicBool>>) -> Completion {
+        self.client_broke = flag;
+        self
+    }
+
     /// Body bytes sent to the client.
     pub fn sent(&mut self, n: u64) {
         self.bytes += n;
@@ -29,6 +38,17 @@ impl Completion {
     /// The upstream broke off after the response head: an `upstream_reset` against the
     /// endpoint (its outlier streak too), even though the status already went out.
     pub fn upstream_broke(&mut self) {
+        if self
+            .client_broke
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            // The client's upload broke first: the upstream only followed.
+            if let Some(l) = self.log.as_mut() {
+                l.error = Some(ErrorKind::ClientAbort.as_str());
+            }
+            return;
+        }
         self.upstream_reset.inc();
         self.in_flight
             .endpoint()
@@ -122,6 +142,13 @@ impl AccessLog {
 
 impl Drop for Completion {
     fn drop(&mut self) {
+        if self.complete {
+            // Only a whole response ends the endpoint's failure streak: one that breaks
+            // off mid-body must not reset it at its head.
+            self.in_flight
+                .endpoint()
+                .record_outcome(false, &self.outlier);
+        }
         self.response_bytes.inc_by(self.bytes);
         if let Some(l) = &self.log {
             l.emit(self.bytes, self.complete);

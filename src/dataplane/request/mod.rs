@@ -289,7 +289,9 @@ impl<'t> Exchange<'t> {
             &self.cluster.zones[self.pick.zone],
         );
         ep.observe(sent.elapsed(), self.cluster.decay);
-        ep.record_outcome(status >= 500, &self.cluster.config.outlier);
+        if status >= 500 {
+            ep.record_outcome(true, &self.cluster.config.outlier);
+        }
         count_response(
             &zone.metrics,
             &self.cluster.runtime.metrics,
@@ -313,6 +315,7 @@ impl<'t> Exchange<'t> {
             upstream_reset: cm.error_counter(ErrorKind::UpstreamReset.as_str()),
             outlier: self.cluster.config.outlier.clone(),
             log: self.log,
+            client_broke: None,
         }
     }
 
