@@ -57,6 +57,12 @@ pub fn spawn_data_threads(
 
 /// Binds a listening socket; the error names the config key.
 pub async fn bind(addr: SocketAddr, key: &str, reuseport: bool) -> Result<TcpListener, String> {
+    if let Some(l) = super::inherited::take(key, addr, reuseport) {
+        return l
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(l))
+            .map_err(|e| format!("{key} {addr}: inherited socket: {e}"));
+    }
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {

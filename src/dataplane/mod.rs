@@ -4,5 +4,6 @@
 
 pub mod h1;
 pub mod hyper;
+pub mod inherited;
 pub mod listener;
 pub mod watchdog;
