@@ -38,6 +38,10 @@ struct Router {
 
 impl Router {
     async fn start(backend: &Backend, args: &[&str]) -> Router {
+        Router::start_env(backend, args, &[]).await
+    }
+
+    async fn start_env(backend: &Backend, args: &[&str], env: &[(&str, &Path)]) -> Router {
         let dir = tempfile::tempdir().expect("tempdir");
         let data: SocketAddr = ([127, 0, 0, 1], free_port().await).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port().await).into();
@@ -51,6 +55,7 @@ impl Router {
             .args(["run", "--config"])
             .arg(&path)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -265,17 +270,27 @@ async fn keep_alive_client(
                         conn = Some(s);
                     }
                 }
-                Outcome::Answer(status, _) => {
-                    t.fail(&t.failed, format!("keep-alive {id}: {path}: status {status}"))
-                }
+                Outcome::Answer(status, _) => t.fail(
+                    &t.failed,
+                    format!("keep-alive {id}: {path}: status {status}"),
+                ),
                 Outcome::NoAnswer(why) if reused && tries == 1 => {
                     t.stale_retries.fetch_add(1, Ordering::SeqCst);
                     let _ = why;
                     continue;
                 }
-                Outcome::NoAnswer(why) | Outcome::Broken(why) => {
-                    t.fail(&t.failed, format!("keep-alive {id}: {path}: {why}"))
-                }
+                Outcome::NoAnswer(why) | Outcome::Broken(why) => t.fail(
+                    &t.failed,
+                    format!(
+                        "keep-alive {id}: {path}: {why} (try {tries}, {} connection, {})",
+                        if reused { "reused" } else { "new" },
+                        if exited.load(Ordering::SeqCst) {
+                            "old process gone"
+                        } else {
+                            "old process running"
+                        }
+                    ),
+                ),
             }
             break;
         }
@@ -355,9 +370,7 @@ async fn upgrade_under_load(args: &[&str]) {
     .await;
 
     assert!(kill("-USR2", old_pid), "kill -USR2 {old_pid}");
-    let line = router
-        .log_line("is serving", Duration::from_secs(30))
-        .await;
+    let line = router.log_line("is serving", Duration::from_secs(30)).await;
     let pid = new_pid(&line);
     router.successors.push(pid);
     assert_ne!(pid, old_pid);
@@ -390,14 +403,27 @@ async fn upgrade_under_load(args: &[&str]) {
         "upgrade {old_pid} -> {pid} ({args:?}): {ok} answered, {refused} refused, {failed} failed, \
          {retries} retried after an idle keep-alive close"
     );
-    assert_eq!((refused, failed), (0, 0), "errors: {errors:#?}");
+    assert_eq!(
+        (refused, failed),
+        (0, 0),
+        "errors: {errors:#?}\nlog (access lines left out):\n{}",
+        router
+            .log()
+            .lines()
+            .filter(|l| !l.contains(" access: "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // The admin socket moved too: the new process answers it.
     assert!(alive(pid), "new process {pid} gone; log:\n{}", router.log());
     let metrics = get(&format!("http://{}/metrics", router.admin)).await;
     assert_eq!(metrics.status, 200);
     assert_eq!(
-        metric(&metrics.body, "edge_router_upgrades_total{result=\"success\"}"),
+        metric(
+            &metrics.body,
+            "edge_router_upgrades_total{result=\"success\"}"
+        ),
         Some(1.0),
         "{}",
         metrics.body
@@ -452,22 +478,58 @@ async fn failed_upgrade_leaves_the_old_process_serving() {
     }
     let metrics = get(&format!("http://{}/metrics", router.admin)).await;
     assert_eq!(
-        metric(&metrics.body, "edge_router_upgrades_total{result=\"failure\"}"),
+        metric(
+            &metrics.body,
+            "edge_router_upgrades_total{result=\"failure\"}"
+        ),
         Some(1.0)
     );
-    assert_eq!(get(&format!("http://{}/readyz", router.admin)).await.status, 200);
+    assert_eq!(
+        get(&format!("http://{}/readyz", router.admin)).await.status,
+        200
+    );
     assert_eq!(router.exit_code(Duration::from_millis(100)).await, None);
 
     // With the file fixed, the next upgrade goes through.
     write(&router.config, &good);
     assert!(kill("-USR2", pid));
-    let line = router
-        .log_line("is serving", Duration::from_secs(30))
-        .await;
+    let line = router.log_line("is serving", Duration::from_secs(30)).await;
     let new = new_pid(&line);
     router.successors.push(new);
     assert_eq!(router.exit_code(Duration::from_secs(30)).await, Some(0));
     assert_eq!(get(&format!("http://{}/x", router.data)).await.status, 200);
+    assert!(kill("-TERM", new));
+    wait_until("new process stopped", Duration::from_secs(30), || async {
+        !alive(new)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_names_the_new_main_process() {
+    let backend = Backend::start("a1", 1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notify");
+    let sock = tokio::net::UnixDatagram::bind(&path).expect("bind NOTIFY_SOCKET");
+    let mut router = Router::start_env(&backend, &[], &[("NOTIFY_SOCKET", &path)]).await;
+    let next = || async {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(30), sock.recv(&mut buf))
+            .await
+            .expect("a notification within 30 s")
+            .expect("recv");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let old = router.child.id();
+    assert_eq!(next().await, format!("READY=1\nMAINPID={old}\n"));
+
+    assert!(kill("-USR2", old));
+    let msg = next().await;
+    let line = router.log_line("is serving", Duration::from_secs(30)).await;
+    let new = new_pid(&line);
+    router.successors.push(new);
+    assert_eq!(msg, format!("READY=1\nMAINPID={new}\n"));
+    assert_eq!(router.exit_code(Duration::from_secs(30)).await, Some(0));
     assert!(kill("-TERM", new));
     wait_until("new process stopped", Duration::from_secs(30), || async {
         !alive(new)

@@ -38,8 +38,7 @@ pub fn provide(sockets: Vec<Inherited>) {
 pub fn take(key: &str, addr: SocketAddr, reuseport: bool) -> Option<TcpListener> {
     let mut list = INHERITED.lock().ok()?;
     let matches = |s: &Inherited| {
-        s.key == key
-            && (s.addr == addr || (addr.port() == 0 && s.addr.ip() == addr.ip()))
+        s.key == key && (s.addr == addr || (addr.port() == 0 && s.addr.ip() == addr.ip()))
     };
     if let Some(i) = list
         .iter()

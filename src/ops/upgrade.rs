@@ -150,7 +150,10 @@ impl Handover {
                         addr: k.what.addr,
                         reuseport: k.what.reuseport,
                     },
-                    fd: k.fd.try_clone().map_err(|e| format!("{}: {e}", k.what.key))?,
+                    fd: k
+                        .fd
+                        .try_clone()
+                        .map_err(|e| format!("{}: {e}", k.what.key))?,
                 })
             })
             .collect()
@@ -341,9 +344,7 @@ pub fn receive() -> Result<Option<Takeover>, String> {
     let fail = |e: io::Error| format!("upgrade: receiving the listening sockets: {e}");
     let addr = UnixAddr::from_abstract_name(name.as_encoded_bytes()).map_err(fail)?;
     let mut stream = UnixStream::connect_addr(&addr).map_err(fail)?;
-    stream
-        .set_read_timeout(Some(READY_TIMEOUT))
-        .map_err(fail)?;
+    stream.set_read_timeout(Some(READY_TIMEOUT)).map_err(fail)?;
     let parent = std::os::unix::process::parent_id();
     if peer_pid(&stream) != Some(parent) {
         return Err(format!(
@@ -420,9 +421,13 @@ impl Takeover {
             // on is right either way, both processes accepting on the same sockets.
             warn!(target: "upgrade", "upgrade: cannot tell the old process it may stop: {e}");
         }
-        router
-            .events
-            .push("upgrade", format!("took over from process {}", std::os::unix::process::parent_id()));
+        router.events.push(
+            "upgrade",
+            format!(
+                "took over from process {}",
+                std::os::unix::process::parent_id()
+            ),
+        );
     }
 
     /// The start failed: the old process logs `why` and keeps serving.
