@@ -42,6 +42,15 @@ impl Router {
     }
 
     async fn start_env(backend: &Backend, args: &[&str], env: &[(&str, &Path)]) -> Router {
+        Router::start_from(Path::new(BIN), backend, args, env).await
+    }
+
+    async fn start_from(
+        bin: &Path,
+        backend: &Backend,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Router {
         let dir = tempfile::tempdir().expect("tempdir");
         let data: SocketAddr = ([127, 0, 0, 1], free_port().await).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port().await).into();
@@ -51,7 +60,7 @@ impl Router {
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, text).expect("write config");
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
-        let child = Command::new(BIN)
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(&path)
             .args(args)
@@ -530,6 +539,43 @@ async fn systemd_notify_names_the_new_main_process() {
     router.successors.push(new);
     assert_eq!(msg, format!("READY=1\nMAINPID={new}\n"));
     assert_eq!(router.exit_code(Duration::from_secs(30)).await, Some(0));
+    assert!(kill("-TERM", new));
+    wait_until("new process stopped", Duration::from_secs(30), || async {
+        !alive(new)
+    })
+    .await;
+}
+
+/// The usual upgrade: a new file renamed over the binary. The new process runs the file now
+/// at the path, not the replaced one the old process still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_runs_the_file_now_at_the_binary_path() {
+    let backend = Backend::start("a1", 1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let installed = dir.path().join("edge-router");
+    std::fs::copy(BIN, &installed).expect("copy the binary");
+    let mut router = Router::start_from(&installed, &backend, &[], &[]).await;
+    let old = router.child.id();
+    let staged = dir.path().join("edge-router.new");
+    if std::fs::hard_link(BIN, &staged).is_err() {
+        std::fs::copy(BIN, &staged).expect("copy the binary");
+    }
+    std::fs::rename(&staged, &installed).expect("rename over the binary");
+    let exe = |pid: u32| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .expect("/proc/PID/exe")
+            .to_string_lossy()
+            .into_owned()
+    };
+    assert!(exe(old).ends_with(" (deleted)"), "{}", exe(old));
+
+    assert!(kill("-USR2", old));
+    let line = router.log_line("is serving", Duration::from_secs(30)).await;
+    let new = new_pid(&line);
+    router.successors.push(new);
+    assert_eq!(exe(new), installed.to_string_lossy());
+    assert_eq!(router.exit_code(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(get(&format!("http://{}/x", router.data)).await.status, 200);
     assert!(kill("-TERM", new));
     wait_until("new process stopped", Duration::from_secs(30), || async {
         !alive(new)
