@@ -206,11 +206,12 @@ async fn run(cfg: config::Config, start: Start, plane: server::DataPlane) -> Exi
             return ExitCode::from(1);
         }
     };
+    // Signals are handled before anyone is told this process serves.
+    signals(running.router.clone(), start.relaunch);
     if let Some(t) = start.takeover {
         t.ready(&running.router);
     }
     upgrade::notify_systemd();
-    signals(running.router.clone(), start.relaunch);
     running.wait().await;
     ExitCode::SUCCESS
 }
@@ -219,18 +220,20 @@ async fn run(cfg: config::Config, start: Start, plane: server::DataPlane) -> Exi
 /// says how.
 fn signals(router: Arc<server::Router>, relaunch: Option<upgrade::Relaunch>) {
     use tokio::signal::unix::{signal, SignalKind};
-    if let Some(relaunch) = relaunch {
-        let r = router.clone();
-        match signal(SignalKind::user_defined2()) {
-            Ok(mut usr2) => {
-                tokio::spawn(async move {
-                    while usr2.recv().await.is_some() {
-                        upgrade::upgrade(r.clone(), relaunch.clone()).await;
+    // Handled even without `relaunch`: SIGUSR2's default action would kill the process.
+    let r = router.clone();
+    match signal(SignalKind::user_defined2()) {
+        Ok(mut usr2) => {
+            tokio::spawn(async move {
+                while usr2.recv().await.is_some() {
+                    match &relaunch {
+                        Some(how) => drop(tokio::spawn(upgrade::upgrade(r.clone(), how.clone()))),
+                        None => tracing::warn!("SIGUSR2 ignored: only `edge-router run` upgrades"),
                     }
-                });
-            }
-            Err(e) => tracing::warn!("SIGUSR2 upgrades disabled: {e}"),
+                }
+            });
         }
+        Err(e) => tracing::warn!("SIGUSR2 upgrades disabled: {e}"),
     }
     let r = router.clone();
     tokio::spawn(async move {

@@ -417,8 +417,8 @@ impl Takeover {
             .with_label_values(&["success"])
             .inc();
         if let Err(e) = self.stream.write_all(b"ready\n") {
-            // The old process gave up (timeout) and killed nothing yet, or is gone: serving
-            // on is right either way, both processes accepting on the same sockets.
+            // The old process is gone, or gave up waiting and is about to kill this one:
+            // nothing to undo here either way.
             warn!(target: "upgrade", "upgrade: cannot tell the old process it may stop: {e}");
         }
         router.events.push(
