@@ -172,14 +172,13 @@ pub async fn upgrade(router: Arc<Router>, relaunch: Relaunch) {
         warn!(target: "upgrade", "upgrade ignored: one is already under way");
         return;
     }
-    info!(target: "upgrade", "upgrade: starting {} (this process: {me})", relaunch.exe.display());
+    info!(target: "upgrade", "starting {} (this process: {me})", relaunch.exe.display());
     match hand_over(&router, &relaunch).await {
         Ok(pid) => {
-            let msg = format!(
-                "upgrade: new process {pid} is serving; this one ({me}) stops accepting and drains"
-            );
+            let msg =
+                format!("new process {pid} is serving; this one ({me}) stops accepting and drains");
             info!(target: "upgrade", new_pid = pid, "{msg}");
-            router.events.push("upgrade", msg);
+            router.events.push("reload", format!("upgrade: {msg}"));
             let _ = router.handover.handed_over.send(true);
             router.shutdown();
         }
@@ -187,7 +186,7 @@ pub async fn upgrade(router: Arc<Router>, relaunch: Relaunch) {
             error!(target: "upgrade", "upgrade failed, this process ({me}) keeps serving: {e}");
             router
                 .events
-                .push("upgrade", format!("upgrade failed, still serving: {e}"));
+                .push("reload", format!("upgrade failed, still serving: {e}"));
             router
                 .metrics
                 .upgrades
@@ -238,9 +237,11 @@ async fn hand_over(router: &Router, relaunch: &Relaunch) -> Result<u32, String> 
     match outcome {
         Ok(()) => Ok(pid),
         Err(why) => {
-            // It must not keep the sockets, nor serve from them, behind this one's back.
+            // A process that gave up is exiting on its own: a moment for its status. Then it
+            // must not keep the sockets, nor serve from them, behind this one's back.
+            let exit = tokio::time::timeout(Duration::from_secs(1), exited(&mut child)).await;
             let status = match child.try_wait() {
-                Ok(Some(s)) => s.to_string(),
+                Ok(Some(s)) if exit.is_ok() => s.to_string(),
                 _ => {
                     let _ = child.kill();
                     "killed".to_string()
@@ -252,11 +253,11 @@ async fn hand_over(router: &Router, relaunch: &Relaunch) -> Result<u32, String> 
     }
 }
 
-/// Resolves when the child has exited, with how.
+/// Resolves once the child has exited (or cannot be watched): why the hand-over ended.
 async fn exited(child: &mut std::process::Child) -> String {
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return format!("exited before it was ready ({status})"),
+            Ok(Some(_)) => return "exited before it was ready".into(),
             Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
             Err(e) => return format!("cannot watch it: {e}"),
         }
@@ -419,12 +420,12 @@ impl Takeover {
         if let Err(e) = self.stream.write_all(b"ready\n") {
             // The old process is gone, or gave up waiting and is about to kill this one:
             // nothing to undo here either way.
-            warn!(target: "upgrade", "upgrade: cannot tell the old process it may stop: {e}");
+            warn!(target: "upgrade", "cannot tell the old process it may stop: {e}");
         }
         router.events.push(
-            "upgrade",
+            "reload",
             format!(
-                "took over from process {}",
+                "upgrade: took over from process {}",
                 std::os::unix::process::parent_id()
             ),
         );
