@@ -582,3 +582,35 @@ async fn upgrade_runs_the_file_now_at_the_binary_path() {
     })
     .await;
 }
+
+/// The new process reads the config and cannot bind what it asks for: it says why over the
+/// hand-over socket, and the old process logs that and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_logs_why_the_new_process_could_not_start() {
+    let backend = Backend::start("a1", 1).await;
+    let mut router = Router::start(&backend, &[]).await;
+    let pid = router.child.id();
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let busy = taken.local_addr().expect("addr");
+    let text = std::fs::read_to_string(&router.config)
+        .expect("config")
+        .replacen(&router.admin.to_string(), &busy.to_string(), 1);
+    write(&router.config, &text);
+
+    assert!(kill("-USR2", pid));
+    let line = router
+        .log_line("upgrade failed", Duration::from_secs(30))
+        .await;
+    assert!(
+        line.contains(&format!("admin.address {busy}")) && line.contains("exit status: 1"),
+        "{line}"
+    );
+    assert_eq!(get(&format!("http://{}/x", router.data)).await.status, 200);
+    assert_eq!(
+        get(&format!("http://{}/readyz", router.admin)).await.status,
+        200
+    );
+    assert_eq!(router.exit_code(Duration::from_millis(100)).await, None);
+}
