@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use edge_router::config;
-use edge_router::ops::{demo, router as server, status};
+use edge_router::ops::{demo, router as server, status, upgrade};
 use edge_router::telemetry::logging;
 
 #[derive(Parser)]
@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config.
+    /// Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config; SIGUSR2
+    /// starts the binary again and hands it the listening sockets (upgrade without downtime).
     Run {
         #[arg(short, long)]
         config: PathBuf,
@@ -99,7 +100,24 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // Before any other thread starts (it edits the environment).
+            let takeover = match upgrade::receive() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let relaunch = upgrade::Relaunch::current();
             let _guard = logging::init(cli.log_format);
+            let relaunch = relaunch
+                .map_err(|e| tracing::warn!("SIGUSR2 upgrades disabled: own path unknown: {e}"))
+                .ok();
+            let start = Start {
+                path: config,
+                takeover,
+                relaunch,
+            };
             let per_core = thread_per_core
                 .then(|| {
                     cli.workers.unwrap_or_else(|| {
@@ -109,14 +127,8 @@ fn main() -> ExitCode {
                 .filter(|n| *n > 1);
             match per_core {
                 // The control plane needs no more than one thread.
-                Some(n) => with_runtime(
-                    Some(1),
-                    run(cfg, Some(config), server::DataPlane::PerCore(n)),
-                ),
-                None => with_runtime(
-                    cli.workers,
-                    run(cfg, Some(config), server::DataPlane::Shared),
-                ),
+                Some(n) => with_runtime(Some(1), run(cfg, start, server::DataPlane::PerCore(n))),
+                None => with_runtime(cli.workers, run(cfg, start, server::DataPlane::Shared)),
             }
         }
         Command::Demo {
@@ -175,22 +187,54 @@ fn with_runtime(
     }
 }
 
-async fn run(cfg: config::Config, path: Option<PathBuf>, plane: server::DataPlane) -> ExitCode {
-    let running = match server::start_with(cfg, path, plane).await {
+/// How `run` was started: its config file, the sockets of the process it replaces (after
+/// SIGUSR2 there), how to start it again.
+struct Start {
+    path: PathBuf,
+    takeover: Option<upgrade::Takeover>,
+    relaunch: Option<upgrade::Relaunch>,
+}
+
+async fn run(cfg: config::Config, start: Start, plane: server::DataPlane) -> ExitCode {
+    let running = match server::start_with(cfg, Some(start.path), plane).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
+            if let Some(t) = start.takeover {
+                t.failed(&e.to_string());
+            }
             return ExitCode::from(1);
         }
     };
-    signals(running.router.clone());
+    // Signals are handled before anyone is told this process serves.
+    signals(running.router.clone(), start.relaunch);
+    if let Some(t) = start.takeover {
+        t.ready(&running.router);
+    }
+    upgrade::notify_systemd();
     running.wait().await;
     ExitCode::SUCCESS
 }
 
-/// SIGHUP reloads; SIGTERM and SIGINT drain and stop.
-fn signals(router: Arc<server::Router>) {
+/// SIGHUP reloads; SIGTERM and SIGINT drain and stop; SIGUSR2 upgrades when `relaunch`
+/// says how.
+fn signals(router: Arc<server::Router>, relaunch: Option<upgrade::Relaunch>) {
     use tokio::signal::unix::{signal, SignalKind};
+    // Handled even without `relaunch`: SIGUSR2's default action would kill the process.
+    let r = router.clone();
+    match signal(SignalKind::user_defined2()) {
+        Ok(mut usr2) => {
+            tokio::spawn(async move {
+                while usr2.recv().await.is_some() {
+                    match &relaunch {
+                        Some(how) => drop(tokio::spawn(upgrade::upgrade(r.clone(), how.clone()))),
+                        None => tracing::warn!("SIGUSR2 ignored: only `edge-router run` upgrades"),
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!("SIGUSR2 upgrades disabled: {e}"),
+    }
     let r = router.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -269,7 +313,7 @@ edge-router demo: you are in us-east-1a. Simulated zones: {zones}
 "#,
         zones = zones.join(", ")
     );
-    signals(running.router.clone());
+    signals(running.router.clone(), None);
     let script = scenario.map(|(s, exit_after)| {
         let router = running.router.clone();
         tokio::spawn(async move {

@@ -57,6 +57,12 @@ pub fn spawn_data_threads(
 
 /// Binds a listening socket; the error names the config key.
 pub async fn bind(addr: SocketAddr, key: &str, reuseport: bool) -> Result<TcpListener, String> {
+    if let Some(l) = super::inherited::take(key, addr, reuseport) {
+        return l
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(l))
+            .map_err(|e| format!("{key} {addr}: inherited socket: {e}"));
+    }
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
@@ -107,6 +113,7 @@ pub async fn serve_data(
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     let (signal_tx, _) = watch::channel(conn::Signal::Run);
+    let own = Arc::new(Semaphore::new(max));
     let timeouts = (l.header_read_timeout, l.idle_timeout);
     // Plain-TCP HTTP/1.1 goes the native path unless the config asks for hyper throughout.
     let native = (l.http1_engine == config::Http1Engine::Native).then_some(h1::Limits {
@@ -133,6 +140,8 @@ pub async fn serve_data(
             drop(stream);
             continue;
         };
+        // Never short: this listener's connections are a subset of the process's.
+        let own_permit = own.clone().try_acquire_owned().ok();
         router.metrics.connections_accepted.inc();
         router.metrics.connections_active.inc();
         let _ = stream.set_nodelay(true);
@@ -152,22 +161,24 @@ pub async fn serve_data(
                 tracing::debug!(%peer, "request headers too slow: connection closed");
             }
             metrics.connections_active.dec();
-            drop(permit);
+            drop((permit, own_permit));
         });
     }
     drop(listener);
     let _ = signal_tx.send(conn::Signal::Drain);
     let drain = router.config.load().listener.drain_timeout;
-    // Every connection holds a permit until it ends: all of them back means all drained.
+    // Every connection holds a permit of `own` until it ends: all of them back means all
+    // drained. Not the process-wide `limit`: waiting on it would take the permits other
+    // listeners' accept loops, not yet stopped, need for the connections they accept.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(drain, limit.acquire_many(all)).await;
+    let drained = tokio::time::timeout(drain, own.acquire_many(all)).await;
     match drained {
         Ok(_) => info!("drained: all connections closed"),
         Err(_) => {
             warn!("drain timeout ({drain:?}) reached; closing remaining connections");
             let _ = signal_tx.send(conn::Signal::Close);
             // Give the connection tasks a moment to close their sockets.
-            let _ = tokio::time::timeout(Duration::from_secs(1), limit.acquire_many(all)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), own.acquire_many(all)).await;
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod h1;
 pub mod hyper;
+pub mod inherited;
 pub mod listener;
 pub mod request;
 pub mod watchdog;

@@ -24,8 +24,15 @@ use crate::routing::table::zone_latency_ms;
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
 pub async fn serve(listener: TcpListener, router: Arc<Router>) {
+    // After a binary upgrade the new process answers on this socket: this one stops
+    // accepting (a draining router still answers /readyz with 503 after SIGTERM).
+    let mut handed_over = router.handover.handed_over();
     loop {
-        let (stream, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = handed_over.wait_for(|h| *h) => return,
+        };
+        let (stream, _) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!("admin accept failed: {e}");

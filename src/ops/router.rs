@@ -36,6 +36,8 @@ pub struct Router {
     /// The listener's certificates when it terminates TLS; a reload re-reads them.
     pub tls: Option<Arc<crate::upstream::tls::ReloadableServerTls>>,
     shutdown_tx: watch::Sender<bool>,
+    /// The listening sockets a binary upgrade hands over.
+    pub handover: crate::ops::upgrade::Handover,
     /// Demo controls, when the router runs the demo.
     pub demo: Mutex<Option<Arc<crate::ops::demo::Demo>>>,
 }
@@ -119,6 +121,12 @@ pub async fn start_with(
     let admin_listener = bind(config.admin.address, "admin.address", false)
         .await
         .map_err(StartError)?;
+    let handover = crate::ops::upgrade::Handover::default();
+    handover.keep(key, &data_listener, per_core.is_some());
+    for l in per_core.iter().flatten() {
+        handover.keep(key, l, true);
+    }
+    handover.keep("admin.address", &admin_listener, false);
     let data_addr = data_listener
         .local_addr()
         .map_err(|e| StartError(format!("listener: {e}")))?;
@@ -165,6 +173,7 @@ pub async fn start_with(
         admin_addr,
         tls: tls.clone(),
         shutdown_tx,
+        handover,
         demo: Mutex::new(None),
     });
     metrics.table_generation.set(1);
@@ -178,6 +187,9 @@ pub async fn start_with(
         .config_reloads
         .with_label_values(&["failure"])
         .inc_by(0);
+    for result in ["success", "failure"] {
+        metrics.upgrades.with_label_values(&[result]).inc_by(0);
+    }
     metrics.config_last_reload_success.set(unix_now());
     events.push("reload", format!("started with {}", config.summary()));
 
@@ -343,6 +355,7 @@ impl Router {
                 self.control.config.load().listener.drain_timeout
             );
             self.events.push("reload", "draining for shutdown".into());
+            self.handover.release();
             let _ = self.shutdown_tx.send(true);
         }
     }

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub table_swaps: IntCounter,
     pub table_age: Gauge,
     pub config_reloads: IntCounterVec,
+    pub upgrades: IntCounterVec,
     pub config_last_reload_success: Gauge,
     pub connections_active: IntGauge,
     pub connections_accepted: IntCounter,
@@ -194,6 +195,10 @@ impl Metrics {
             config_reloads: reg!(
                 r,
                 IntCounterVec::new(Opts::new("edge_router_config_reloads_total", "Config reloads by result."), &["result"])
+            ),
+            upgrades: reg!(
+                r,
+                IntCounterVec::new(Opts::new("edge_router_upgrades_total", "Binary upgrades by result: success in the process that took over, failure in the one that tried."), &["result"])
             ),
             config_last_reload_success: reg!(
                 r,

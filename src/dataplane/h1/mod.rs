@@ -93,8 +93,13 @@ pub async fn serve(
         if buf.is_empty() {
             // Idle: the buffer goes back to the cache, so idle connections hold none.
             give_buf(std::mem::take(&mut buf));
-            if *signal.borrow_and_update() != Signal::Run {
-                return Served::Ended(End::Drained);
+            // A connection that has not sent its first request was accepted before the
+            // drain began: its request is awaited (within the header timeout) and answered,
+            // not cut. Idle keep-alive connections close at once.
+            match *signal.borrow_and_update() {
+                Signal::Run => {}
+                Signal::Drain if served == 0 => {}
+                _ => return Served::Ended(End::Drained),
             }
             let wait = if served == 0 {
                 limits.header_timeout.saturating_sub(accepted.elapsed())
@@ -108,7 +113,9 @@ pub async fn serve(
                 _ = tokio::time::sleep(wait) => {
                     return Served::Ended(if served == 0 { End::SlowHead } else { End::Idle });
                 }
-                _ = signal.changed() => return Served::Ended(End::Drained),
+                _ = signal.changed() => if served > 0 || *signal.borrow() == Signal::Close {
+                    return Served::Ended(End::Drained);
+                },
             }
             buf = take_buf();
         }
