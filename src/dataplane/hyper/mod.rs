@@ -168,8 +168,54 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// The body of a request, handed back by a connect attempt that never read it.
-struct Returned(tokio::sync::oneshot::Receiver<Incoming>);
+/// The client's request body across attempts: it goes with an attempt, comes back when that
+/// attempt's connect failed before reading it (so the request can go again whole), and
+/// tells the response whether the client broke it.
+struct ClientBody {
+    body: Option<Incoming>,
+    /// Set on the attempt that took the body: where it comes back if unread.
+    returned: Option<tokio::sync::oneshot::Receiver<Incoming>>,
+    /// No body at all: any attempt may be sent again.
+    empty: bool,
+    bytes: prometheus::IntCounter,
+    client_broke: Arc<AtomicBool>,
+}
+
+impl ClientBody {
+    fn new(body: Incoming, bytes: prometheus::IntCounter) -> ClientBody {
+        ClientBody {
+            empty: body.is_end_stream(),
+            body: Some(body),
+            returned: None,
+            bytes,
+            client_broke: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The body for the next attempt: the client's stream if it is still here, else none.
+    fn for_attempt(&mut self) -> RequestBody {
+        match self.body.take() {
+            Some(b) if !b.is_end_stream() => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.returned = Some(rx);
+                RequestBody::stream(b, self.bytes.clone(), tx, self.client_broke.clone())
+            }
+            _ => RequestBody::Empty,
+        }
+    }
+
+    /// After a failed attempt: takes the body back if that attempt never read it.
+    fn recover(&mut self) {
+        if let Some(mut rx) = self.returned.take() {
+            self.body = rx.try_recv().ok();
+        }
+    }
+
+    /// Whether the whole request can still be sent again.
+    fn can_resend(&self) -> bool {
+        self.empty || self.body.is_some()
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
@@ -213,9 +259,7 @@ async fn forward(
     }
     // Kept only when a retry or a hedge could need them: both resend the same request.
     let saved_headers = (cfg.retry.attempts > 0 || hedge_on).then(|| parts.headers.clone());
-    let mut body = Some(body);
-    // Shared with the request body: whether the client broke its upload.
-    let client_broke = Arc::new(AtomicBool::new(false));
+    let mut body = ClientBody::new(body, cm.request_bytes.clone());
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     let version = if cfg.http2 {
         Version::HTTP_2
@@ -233,17 +277,7 @@ async fn forward(
             );
         };
         // The client's body goes with the first attempt; a connect failure gives it back.
-        let (req_body, mut returned) = match body.take() {
-            Some(b) if !b.is_end_stream() => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (
-                    RequestBody::stream(b, cm.request_bytes.clone(), tx, client_broke.clone()),
-                    Some(Returned(rx)),
-                )
-            }
-            _ => (RequestBody::Empty, None),
-        };
-        let mut up = Request::new(req_body);
+        let mut up = Request::new(body.for_attempt());
         *up.method_mut() = method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = version;
@@ -282,19 +316,16 @@ async fn forward(
                 let route = x
                     .route_header(route_header)
                     .map(|(z, e, r)| self::route_header(z, e, r));
-                return finish_response(resp, in_flight, x, route, client_broke);
+                return finish_response(resp, in_flight, x, route, body.client_broke);
             }
             Err(_) => AttemptError::Timeout,
             Ok(Err(e)) => {
-                // A body handed back was never read: the request can go again whole.
-                if let Some(Returned(mut rx)) = returned.take() {
-                    body = rx.try_recv().ok();
-                }
+                body.recover();
                 attempt_error(&e)
             }
         };
         drop(in_flight);
-        let may_resend = body.is_some() || body_empty;
+        let may_resend = body.can_resend();
         match x.failed(failure, may_resend) {
             Next::Retry => continue,
             Next::Reply(r) => return error_exit(r, &request_id),

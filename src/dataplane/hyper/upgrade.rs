@@ -71,9 +71,7 @@ pub(super) async fn forward_upgrade(
     } else {
         "http"
     };
-    let mut body = Some(body);
-    // Shared with the request body: whether the client broke its upload.
-    let client_broke = Arc::new(AtomicBool::new(false));
+    let mut body = ClientBody::new(body, cm.request_bytes.clone());
     loop {
         let (ep, zone) = x.target();
         let Ok(uri) = upstream_uri(scheme, &ep.label, &path_and_query) else {
@@ -82,17 +80,7 @@ pub(super) async fn forward_upgrade(
                 request_id,
             );
         };
-        let (req_body, mut returned) = match body.take() {
-            Some(b) if !b.is_end_stream() => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                (
-                    RequestBody::stream(b, cm.request_bytes.clone(), tx, client_broke.clone()),
-                    Some(Returned(rx)),
-                )
-            }
-            _ => (RequestBody::Empty, None),
-        };
-        let mut up = Request::new(req_body);
+        let mut up = Request::new(body.for_attempt());
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.version_mut() = Version::HTTP_11;
@@ -110,7 +98,7 @@ pub(super) async fn forward_upgrade(
                     .map(|(z, e, r)| self::route_header(z, e, r));
                 if status != StatusCode::SWITCHING_PROTOCOLS {
                     // Declined: an ordinary response.
-                    return finish_response(resp, in_flight, x, route, client_broke);
+                    return finish_response(resp, in_flight, x, route, body.client_broke);
                 }
                 drop(in_flight);
                 let upstream = hyper::upgrade::on(&mut resp);
@@ -140,9 +128,7 @@ pub(super) async fn forward_upgrade(
             }
             Err(_) => AttemptError::Timeout,
             Ok(Err(e)) => {
-                if let Some(Returned(mut rx)) = returned.take() {
-                    body = rx.try_recv().ok();
-                }
+                body.recover();
                 attempt_error(&e)
             }
         };
