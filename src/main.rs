@@ -66,8 +66,8 @@ enum Command {
     },
     /// Start simulated regions and zones on loopback with the router in front.
     ///
-    /// Logs stay quiet unless RUST_LOG says otherwise: warnings (an endpoint going down, an
-    /// ejection) and one line per routing table change.
+    /// Logs stay quiet unless RUST_LOG says otherwise: warnings only (an endpoint going down
+    /// or coming back, an ejection).
     Demo {
         /// Data plane address.
         #[arg(long, default_value = config::DEFAULT_LISTENER)]
@@ -170,9 +170,9 @@ fn main() -> ExitCode {
                 let quiet = if scenario.is_some() {
                     "warn,proxy=error,health=error"
                 } else if *access_log {
-                    "warn,table=info,access=info"
+                    "warn,access=info"
                 } else {
-                    "warn,table=info"
+                    "warn"
                 };
                 std::env::set_var("RUST_LOG", quiet);
             }
@@ -324,7 +324,7 @@ edge-router demo: you are in us-east-1a. Simulated zones: {zones}
   Metrics:     curl -s http://{a}/metrics | grep edge_router_requests_total
   Terminal:    edge-router status --admin {a} --watch
   History:     curl -s http://{a}/history   (per-zone samples, one a second, last 5 minutes)
-  Logs:        warnings and routing changes only; --access-log or RUST_LOG=info for more
+  Logs:        warnings only (endpoints down or back); --access-log or RUST_LOG=info for more
   Story:       edge-router demo --scenario failover   (or latency, spillover: traffic and faults on a timer)
   Stop:        Ctrl-C
 "#,

@@ -272,17 +272,17 @@ impl EndpointState {
             old.as_str(),
             new.as_str()
         );
-        // Losing an endpoint is what an operator filtering at WARN still wants to see.
         let severity = match new {
             Status::Healthy => Severity::Ok,
-            Status::Unhealthy => {
-                warn!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
-                Severity::Error
-            }
+            Status::Unhealthy => Severity::Error,
             Status::Unknown => Severity::Info,
         };
-        if severity != Severity::Error {
+        // Losing an endpoint, or getting it back, is what an operator filtering at WARN still
+        // wants to see; the first verdict on a new endpoint is not.
+        if old == Status::Unknown {
             info!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
+        } else {
+            warn!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
         }
         self.shared.events.push_with("health", severity, msg);
         self.shared.changed.notify_one();
