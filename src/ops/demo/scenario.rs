@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use super::{Demo, SLOW_EXTRA_MS};
 use crate::ops::router::Router;
 use crate::routing::table::zone_latency_ms;
+use crate::telemetry::Severity;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -235,17 +236,27 @@ fn fmt_lat(v: Option<f64>) -> String {
 impl Driver {
     /// Prints a line of the story with the scenario clock, and puts it on the timeline.
     fn say(&self, msg: String) {
-        self.say_at(self.traffic.now(), msg);
+        self.say_at_as(self.traffic.now(), Severity::Info, msg);
+    }
+
+    fn say_as(&self, severity: Severity, msg: String) {
+        self.say_at_as(self.traffic.now(), severity, msg);
     }
 
     fn say_at(&self, t: Duration, msg: String) {
+        self.say_at_as(t, Severity::Info, msg);
+    }
+
+    /// `severity` colours the line on the dashboard: a fault is a warning, a recovery ok.
+    fn say_at_as(&self, t: Duration, severity: Severity, msg: String) {
         use std::io::Write;
         let line = format!("t={:>5.2}s  {msg}", t.as_secs_f64());
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
-        self.router.events.push(
+        self.router.events.push_with(
             "demo",
+            severity,
             format!("scenario {}, t={:.2}s: {msg}", self.name, t.as_secs_f64()),
         );
     }
@@ -302,7 +313,7 @@ impl Driver {
                     "{what}: did not happen within {}",
                     ms(self.opts.step_timeout)
                 );
-                self.say(msg.clone());
+                self.say_as(Severity::Error, msg.clone());
                 return Err(msg);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -404,9 +415,10 @@ impl Driver {
         self.sleep_until(self.opts.fault_at).await;
         let down_at = self.traffic.now();
         self.demo.set(NEAR, "down")?;
-        self.say(format!(
-            "zone {NEAR} DOWN: its backends drop every connection"
-        ));
+        self.say_as(
+            Severity::Warning,
+            format!("zone {NEAR} DOWN: its backends drop every connection"),
+        );
         let first = self
             .until("a request answered outside the failed zone", || {
                 self.traffic
@@ -448,7 +460,7 @@ impl Driver {
     async fn recover_zone(&self, zone: &str, action: &str) -> Result<(), String> {
         let up_at = self.traffic.now();
         self.demo.set(zone, action)?;
-        self.say(format!("zone {zone} UP again"));
+        self.say_as(Severity::Ok, format!("zone {zone} UP again"));
         self.returned(up_at).await
     }
 
@@ -459,8 +471,9 @@ impl Driver {
                     .first_answer(up_at, |o| o.zone.as_deref() == Some(NEAR))
             })
             .await?;
-        self.say_at(
+        self.say_at_as(
             first.done,
+            Severity::Ok,
             format!(
                 "zone back, traffic returned to {NEAR} in {} (first request answered there)",
                 ms(first.done.saturating_sub(up_at))
@@ -469,8 +482,9 @@ impl Driver {
         let all = self
             .all_in(NEAR, "all traffic back in the nearest zone")
             .await?;
-        self.say_at(
+        self.say_at_as(
             all,
+            Severity::Ok,
             format!(
                 "all traffic in {NEAR} again {} after it came back; table: {}",
                 ms(all.saturating_sub(up_at)),
@@ -489,10 +503,13 @@ impl Driver {
         );
         let slow_at = self.traffic.now();
         self.demo.set(NEAR, "slow")?;
-        self.say(format!(
-            "zone {NEAR} SLOW (+{SLOW_EXTRA_MS} ms per request); median answer before: {}",
-            before.map(ms).unwrap_or_else(|| "–".into())
-        ));
+        self.say_as(
+            Severity::Warning,
+            format!(
+                "zone {NEAR} SLOW (+{SLOW_EXTRA_MS} ms per request); median answer before: {}",
+                before.map(ms).unwrap_or_else(|| "–".into())
+            ),
+        );
         let re = self
             .until("the router ranking another zone first", || {
                 let z = self.zone(NEAR)?;
@@ -560,10 +577,13 @@ impl Driver {
         let n_eps = zone.endpoints.len();
         let down_at = self.traffic.now();
         self.demo.set_endpoint(victim, true)?;
-        self.say(format!(
-            "endpoint {victim} in {NEAR} DOWN: the zone keeps {} of {n_eps}",
-            n_eps - 1
-        ));
+        self.say_as(
+            Severity::Warning,
+            format!(
+                "endpoint {victim} in {NEAR} DOWN: the zone keeps {} of {n_eps}",
+                n_eps - 1
+            ),
+        );
         let first = self
             .until("a request answered outside the degraded zone", || {
                 self.traffic
@@ -613,7 +633,7 @@ impl Driver {
         self.sleep_until(self.opts.fault_at + self.opts.hold).await;
         let up_at = self.traffic.now();
         self.demo.set_endpoint(victim, false)?;
-        self.say(format!("endpoint {victim} in {NEAR} back up"));
+        self.say_as(Severity::Ok, format!("endpoint {victim} in {NEAR} back up"));
         let whole = self
             .until("the zone taking all its traffic back", || {
                 let z = self.zone(NEAR)?;
@@ -733,13 +753,21 @@ pub async fn run(
     let log = traffic.snapshot();
     let failed = log.iter().filter(|o| !o.ok).count();
     let (n, by) = d.measured_split(Duration::ZERO, Duration::MAX);
-    d.say(format!(
-        "scenario {} {}: {} requests in {:.1} s, {failed} failed; answered by {}",
-        scenario.name(),
-        if result.is_ok() { "done" } else { "FAILED" },
-        log.len(),
-        traffic.now().as_secs_f64(),
-        Driver::fmt_split(n, &by)
-    ));
+    let severity = if result.is_ok() {
+        Severity::Ok
+    } else {
+        Severity::Error
+    };
+    d.say_as(
+        severity,
+        format!(
+            "scenario {} {}: {} requests in {:.1} s, {failed} failed; answered by {}",
+            scenario.name(),
+            if result.is_ok() { "done" } else { "FAILED" },
+            log.len(),
+            traffic.now().as_secs_f64(),
+            Driver::fmt_split(n, &by)
+        ),
+    );
     result
 }

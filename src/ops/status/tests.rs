@@ -129,7 +129,8 @@ fn sparklines_scale_and_end_at_the_newest_sample() {
     let v: Vec<Option<f64>> = (0..60).map(|i| Some(i as f64)).collect();
     let s = sparkline(&v, 60, 30, None);
     assert_eq!(s.chars().count(), 30);
-    assert!(s.starts_with('▁') && s.ends_with('█'), "{s}");
+    // The first pair is (0, 1): not zero, so one step above the floor.
+    assert!(s.starts_with('▂') && s.ends_with('█'), "{s}");
     // Fewer samples than the width: blanks on the left, values on the right.
     let s = sparkline(&[Some(1.0), None, Some(4.0)], 60, 30, Some(4.0));
     assert_eq!(s.chars().count(), 30);
