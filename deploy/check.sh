@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=1 ;;
     --scrape) scrape=${2:?--scrape needs a file}; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     *) echo "check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

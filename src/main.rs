@@ -10,6 +10,9 @@ use edge_router::config;
 use edge_router::ops::{demo, router as server, status, upgrade};
 use edge_router::telemetry::logging;
 
+/// Default config file of `run` and `check`: where the Dockerfile and the systemd unit put it.
+const DEFAULT_CONFIG: &str = "/etc/edge-router/edge-router.toml";
+
 #[derive(Parser)]
 #[command(
     name = "edge-router",
@@ -17,15 +20,26 @@ use edge_router::telemetry::logging;
     about = "A latency-aware reverse proxy: every request goes to the nearest healthy zone."
 )]
 struct Cli {
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    log_format: logging::Format,
-    /// Worker threads of the runtime (default: one per core). With 1, the whole process runs
-    /// on one thread (tokio's current-thread scheduler): no cross-thread wake-ups.
-    #[arg(long, global = true)]
+    /// Still accepted before the subcommand (`edge-router --log-format json run`), as before;
+    /// documented on the subcommands that log.
+    #[arg(long, value_enum, hide = true)]
+    log_format: Option<logging::Format>,
+    #[arg(long, hide = true)]
     workers: Option<usize>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Flags of the commands that serve traffic.
+#[derive(clap::Args)]
+struct Runtime {
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<logging::Format>,
+    /// Worker threads of the runtime (default: one per core). With 1, the whole process runs
+    /// on one thread (tokio's current-thread scheduler): no cross-thread wake-ups.
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -33,7 +47,8 @@ enum Command {
     /// Run in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config; SIGUSR2
     /// starts the binary again and hands it the listening sockets (upgrade without downtime).
     Run {
-        #[arg(short, long)]
+        /// Config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Data plane as one thread per worker (--workers N, default one per core), each with
         /// its own current-thread runtime and its own listener socket (SO_REUSEPORT: the kernel
@@ -41,13 +56,19 @@ enum Command {
         /// multi-thread runtime runs everything. No effect with --workers 1.
         #[arg(long)]
         thread_per_core: bool,
+        #[command(flatten)]
+        runtime: Runtime,
     },
     /// Parse and validate a config file, print a one-line summary.
     Check {
-        #[arg(short, long)]
+        /// Config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Start simulated regions and zones on loopback with the router in front.
+    ///
+    /// Logs stay quiet unless RUST_LOG says otherwise: warnings only (an endpoint going down
+    /// or coming back, an ejection).
     Demo {
         /// Data plane address.
         #[arg(long, default_value = config::DEFAULT_LISTENER)]
@@ -61,13 +82,20 @@ enum Command {
         /// Stop when the scenario is done (exit 1 if a step did not happen in time).
         #[arg(long, requires = "scenario")]
         exit_after: bool,
+        /// Log every request (target `access`); off in the demo so its banner stays in view.
+        #[arg(long)]
+        access_log: bool,
+        #[command(flatten)]
+        runtime: Runtime,
     },
-    /// Show the routing picture of a running router: zones nearest first, health, traffic.
+    /// Show the routing picture of a running router: zones nearest first, health, traffic,
+    /// and each zone's last minutes as sparklines.
     Status {
         /// Admin address of the router.
         #[arg(long, default_value = config::DEFAULT_ADMIN, value_parser = status::parse_admin)]
         admin: String,
-        /// Redraw every interval until Ctrl-C.
+        /// Redraw every interval until Ctrl-C (on a terminal; into a pipe or file, one
+        /// picture after another, without screen-clearing codes).
         #[arg(long)]
         watch: bool,
         /// Redraw interval with --watch.
@@ -78,8 +106,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Check { config } => match config::load(&config) {
+    // A flag given after the subcommand wins over the same flag given before it.
+    let pick = |r: &Runtime| {
+        (
+            r.log_format
+                .or(cli.log_format)
+                .unwrap_or(logging::Format::Text),
+            r.workers.or(cli.workers),
+        )
+    };
+    match &cli.command {
+        Command::Check { config } => match config::load(config) {
             Ok(c) => {
                 println!("{}", c.summary());
                 ExitCode::SUCCESS
@@ -92,11 +129,16 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             thread_per_core,
+            runtime,
         } => {
-            let cfg = match config::load(&config) {
+            let (log_format, workers) = pick(runtime);
+            let cfg = match config::load(config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
+                    if config.as_os_str() == DEFAULT_CONFIG && !config.exists() {
+                        eprintln!("hint: give the config file with -c FILE");
+                    }
                     return ExitCode::from(2);
                 }
             };
@@ -109,18 +151,18 @@ fn main() -> ExitCode {
                 }
             };
             let relaunch = upgrade::Relaunch::current();
-            let _guard = logging::init(cli.log_format);
+            let _guard = logging::init(log_format);
             let relaunch = relaunch
                 .map_err(|e| tracing::warn!("SIGUSR2 upgrades disabled: own path unknown: {e}"))
                 .ok();
             let start = Start {
-                path: config,
+                path: config.clone(),
                 takeover,
                 relaunch,
             };
             let per_core = thread_per_core
                 .then(|| {
-                    cli.workers.unwrap_or_else(|| {
+                    workers.unwrap_or_else(|| {
                         std::thread::available_parallelism().map_or(1, |n| n.get())
                     })
                 })
@@ -128,7 +170,7 @@ fn main() -> ExitCode {
             match per_core {
                 // The control plane needs no more than one thread.
                 Some(n) => with_runtime(Some(1), run(cfg, start, server::DataPlane::PerCore(n))),
-                None => with_runtime(cli.workers, run(cfg, start, server::DataPlane::Shared)),
+                None => with_runtime(workers, run(cfg, start, server::DataPlane::Shared)),
             }
         }
         Command::Demo {
@@ -136,16 +178,29 @@ fn main() -> ExitCode {
             admin,
             scenario,
             exit_after,
+            access_log,
+            runtime,
         } => {
-            if scenario.is_some() && std::env::var_os("RUST_LOG").is_none() {
-                // Keep the scenario's story readable; RUST_LOG still wins.
-                std::env::set_var("RUST_LOG", "warn,proxy=error,health=error");
+            let (log_format, workers) = pick(runtime);
+            if std::env::var_os("RUST_LOG").is_none() {
+                // Keep the banner and the scenario's story readable; RUST_LOG still wins.
+                let quiet = if scenario.is_some() {
+                    "warn,proxy=error,health=error"
+                } else if *access_log {
+                    "warn,access=info"
+                } else {
+                    "warn"
+                };
+                std::env::set_var("RUST_LOG", quiet);
             }
-            let _guard = logging::init(cli.log_format);
-            with_runtime(
-                cli.workers,
-                run_demo(listen, admin, scenario.map(|s| (s, exit_after))),
-            )
+            let _guard = logging::init(log_format);
+            let opts = DemoOptions {
+                listen: *listen,
+                admin: *admin,
+                scenario: scenario.map(|s| (s, *exit_after)),
+                access_log: *access_log,
+            };
+            with_runtime(workers, run_demo(opts))
         }
         Command::Status {
             admin,
@@ -154,9 +209,9 @@ fn main() -> ExitCode {
         } => with_runtime(
             Some(1),
             status::run(status::Options {
-                admin,
-                watch,
-                interval: interval.max(std::time::Duration::from_millis(100)),
+                admin: admin.clone(),
+                watch: *watch,
+                interval: (*interval).max(std::time::Duration::from_millis(100)),
             }),
         ),
     }
@@ -260,11 +315,20 @@ fn signals(router: Arc<server::Router>, relaunch: Option<upgrade::Relaunch>) {
     });
 }
 
-async fn run_demo(
+struct DemoOptions {
     listen: SocketAddr,
     admin: SocketAddr,
     scenario: Option<(demo::scenario::Scenario, bool)>,
-) -> ExitCode {
+    access_log: bool,
+}
+
+async fn run_demo(opts: DemoOptions) -> ExitCode {
+    let DemoOptions {
+        listen,
+        admin,
+        scenario,
+        access_log,
+    } = opts;
     let d = match demo::Demo::start().await {
         Ok(d) => Arc::new(d),
         Err(e) => {
@@ -272,7 +336,7 @@ async fn run_demo(
             return ExitCode::from(1);
         }
     };
-    let text = d.config_toml(listen, admin);
+    let text = d.config_toml(listen, admin, access_log);
     let cfg = match config::parse("demo (embedded)", &text, &|_| None) {
         Ok(c) => c,
         Err(e) => {
@@ -305,9 +369,11 @@ edge-router demo: you are in us-east-1a. Simulated zones: {zones}
   Routing:     curl -s http://{a}/routes
   Zone down:   curl -X POST http://{a}/demo/zones/us-east-1a/down   then curl http://{l}/ again
   Zone back:   curl -X POST http://{a}/demo/zones/us-east-1a/up
-  Slow zone:   curl -X POST http://{a}/demo/zones/us-east-1a/slow
+  Slow zone:   curl -X POST http://{a}/demo/zones/us-east-1a/slow   (undo it with .../up)
   Metrics:     curl -s http://{a}/metrics | grep edge_router_requests_total
   Terminal:    edge-router status --admin {a} --watch
+  History:     curl -s http://{a}/history   (per-zone samples, one a second, last 5 minutes)
+  Logs:        warnings only (endpoints down or back); --access-log or RUST_LOG=info for more
   Story:       edge-router demo --scenario failover   (or latency, spillover: traffic and faults on a timer)
   Stop:        Ctrl-C
 "#,

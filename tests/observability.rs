@@ -578,6 +578,26 @@ async fn scrape_after_traffic_and_failover_holds_every_family_and_passes_promtoo
     std::fs::write(&file, &text).expect("write scrape");
     promtool_check_metrics(&text);
     deploy_check_metrics(&file);
+
+    // A router without DNS-named endpoints has no DNS family: a pass, with a note.
+    let without = |family: &str| -> String {
+        text.lines()
+            .filter(|l| !l.contains(family))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    std::fs::write(&file, without("edge_router_dns_resolutions_total")).expect("write scrape");
+    let (ok, report) = run_check_metrics(&file);
+    assert!(ok, "a scrape without DNS-named endpoints failed:\n{report}");
+    assert!(
+        report.contains("note: edge_router_dns_resolutions_total is not in"),
+        "{report}"
+    );
+    // A family every router has is still required.
+    std::fs::write(&file, without("edge_router_requests_total")).expect("write scrape");
+    let (ok, report) = run_check_metrics(&file);
+    assert!(!ok, "a scrape without requests_total passed:\n{report}");
+    assert!(report.contains("edge_router_requests_total"), "{report}");
 }
 
 /// `promtool check metrics` on a scrape; fails (never skips) when promtool is missing.
@@ -614,8 +634,8 @@ fn promtool_check_metrics(text: &str) {
     );
 }
 
-/// deploy/check-metrics.sh: every family the alert rules and the dashboard use is there.
-fn deploy_check_metrics(file: &Path) {
+/// deploy/check-metrics.sh on a scrape file: (passed, its output).
+fn run_check_metrics(file: &Path) -> (bool, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/check-metrics.sh");
     let out = Command::new("bash")
         .arg(&script)
@@ -627,8 +647,14 @@ fn deploy_check_metrics(file: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    (out.status.success(), report)
+}
+
+/// deploy/check-metrics.sh: every family the alert rules and the dashboard use is there.
+fn deploy_check_metrics(file: &Path) {
+    let (ok, report) = run_check_metrics(file);
     eprintln!("{report}");
-    assert!(out.status.success(), "check-metrics.sh failed:\n{report}");
+    assert!(ok, "check-metrics.sh failed:\n{report}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -902,4 +928,149 @@ async fn access_log_false_silences_the_access_log() {
     assert!(access.is_empty(), "access_log = false, yet: {access:#?}");
     assert!(bin.seen.len() >= 2, "other logs still flow");
     bin.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// History, server-side rates and event severity.
+
+/// The newest non-null value of one zone's series in a /history answer.
+fn newest(h: &serde_json::Value, zone: &str, series: &str) -> Option<f64> {
+    h["clusters"][0]["zones"]
+        .as_array()?
+        .iter()
+        .find(|z| z["zone"] == zone)?[series]
+        .as_array()?
+        .iter()
+        .rev()
+        .find_map(|v| v.as_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_rates_and_event_severity_come_from_the_router() {
+    let a = Backend::start("a", 1).await;
+    let b = Backend::start("b", 1).await;
+    let r = TestRouter::start(&config(
+        &[endpoint(&a, "r1", "r1a"), endpoint(&b, "r1", "r1b")],
+        "",
+        "",
+    ))
+    .await;
+    r.wait_all_healthy().await;
+    // Steady traffic (bounded): the router's own counters turn into rates once a second.
+    let url = r.url("/h");
+    let load = tokio::spawn(async move {
+        let end = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < end {
+            let _ = get(&url).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    wait_until(
+        "r1a serving with a rate in /history",
+        Duration::from_secs(20),
+        || async {
+            let h = get(&r.admin_url("/history")).await;
+            let h: serde_json::Value = serde_json::from_str(&h.body).unwrap_or_default();
+            newest(&h, "r1a", "rps").is_some_and(|v| v > 1.0)
+                && newest(&h, "r1a", "served_share").is_some_and(|v| v > 0.9)
+                && newest(&h, "r1a", "latency_ms").is_some()
+        },
+    )
+    .await;
+    // /routes carries the same rates, measured by the router.
+    let routes = r.routes().await;
+    let c = &routes["clusters"][0];
+    let zone_rps = c["zones"][0]["rps"].as_f64().expect("zone rps");
+    assert!(zone_rps > 1.0, "{routes}");
+    assert!(
+        routes["rps"].as_f64().is_some_and(|v| v >= zone_rps - 1e-9),
+        "{routes}"
+    );
+    let ep = c["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == a.addr.to_string())
+        .unwrap();
+    assert!(ep["rps"].as_f64().is_some_and(|v| v > 1.0), "{ep}");
+
+    // `since` returns only newer samples.
+    let h = get(&r.admin_url("/history")).await;
+    let h: serde_json::Value = serde_json::from_str(&h.body).unwrap();
+    let t = h["t_ms"].as_array().unwrap();
+    let last = t[t.len() - 1].as_u64().unwrap();
+    let newer = get(&r.admin_url(&format!("/history?since={last}"))).await;
+    let newer: serde_json::Value = serde_json::from_str(&newer.body).unwrap();
+    assert!(newer["t_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v.as_u64().unwrap() > last));
+    assert_eq!(get(&r.admin_url("/history?since=x")).await.status, 400);
+
+    // r1a fails, traffic moves to r1b: the share and the errors show in the history,
+    // and the health flips carry their severity.
+    a.ctl.set_mode(Mode::Reset);
+    a.ctl
+        .health_status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    wait_until(
+        "r1b serving everything",
+        Duration::from_secs(20),
+        || async {
+            let h = get(&r.admin_url("/history")).await;
+            let h: serde_json::Value = serde_json::from_str(&h.body).unwrap_or_default();
+            newest(&h, "r1b", "served_share").is_some_and(|v| v > 0.9)
+        },
+    )
+    .await;
+    a.ctl.set_mode(Mode::Ok);
+    a.ctl
+        .health_status
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    wait_until("r1a healthy again", Duration::from_secs(20), || async {
+        let e = get(&r.admin_url("/events")).await;
+        e.body.contains("unhealthy -> healthy")
+    })
+    .await;
+    load.abort();
+    let e = get(&r.admin_url("/events")).await;
+    let e: serde_json::Value = serde_json::from_str(&e.body).unwrap();
+    let severity_of = |needle: &str| -> Vec<String> {
+        e["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .map(|v| v["severity"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let down = severity_of("healthy -> unhealthy");
+    let back = severity_of("unhealthy -> healthy");
+    assert!(!down.is_empty() && down.iter().all(|s| s == "error"), "{e}");
+    assert!(!back.is_empty() && back.iter().all(|s| s == "ok"), "{e}");
+    assert!(
+        severity_of("started with").iter().all(|s| s == "info"),
+        "{e}"
+    );
+}
+
+#[test]
+fn deploy_check_help_prints_its_usage_and_nothing_else() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/check.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--help")
+        .output()
+        .expect("run bash deploy/check.sh --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("CI check of everything in deploy/."),
+        "{text}"
+    );
+    assert!(text.contains("deploy/check.sh --scrape FILE"), "{text}");
+    // Usage text only: no comment markers, no line of the script itself.
+    assert!(!text.lines().any(|l| l.starts_with('#')), "{text}");
+    assert!(!text.contains("set -uo pipefail"), "{text}");
 }

@@ -1,6 +1,7 @@
-//! The admin listener: /healthz, /readyz, /metrics, /routes, /events, /reload, the
+//! The admin listener: /healthz, /readyz, /metrics, /routes, /history, /events, /reload, the
 //! dashboard at /, and the demo's zone switches. Loopback by default: it can reload config.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tracing::warn;
 use crate::control::Table;
 use crate::ops::router::Router;
 use crate::routing::table::zone_latency_ms;
+use crate::telemetry::Severity;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
@@ -70,6 +72,34 @@ fn respond(
     r
 }
 
+/// 405 with the `Allow` header RFC 9110 asks for.
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = respond(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "text/plain",
+        format!("method not allowed: use {allow}\n"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
+}
+
+/// `since=UNIX_MS` of /history: only samples taken after it.
+fn since(query: Option<&str>) -> Result<u64, String> {
+    let mut since = 0;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("since", v)) => {
+                since = v
+                    .parse()
+                    .map_err(|_| format!("since={v:?}: expected unix milliseconds\n"))?;
+            }
+            _ => return Err(format!("unknown parameter {pair:?}: only since=UNIX_MS\n")),
+        }
+    }
+    Ok(since)
+}
+
 fn json_response(status: StatusCode, v: &impl Serialize) -> Response<Full<Bytes>> {
     let body =
         serde_json::to_vec(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
@@ -102,7 +132,14 @@ async fn handle(
                 router.metrics.render(),
             )
         }
-        (&Method::GET, "/routes") => json_response(StatusCode::OK, &routes_json(&router.table())),
+        (&Method::GET, "/routes") => json_response(
+            StatusCode::OK,
+            &routes_json(&router.table(), &router.history.endpoint_rates()),
+        ),
+        (&Method::GET, "/history") => match since(req.uri().query()) {
+            Ok(since) => json_response(StatusCode::OK, &router.history.json(since)),
+            Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", e),
+        },
         (&Method::GET, "/events") => {
             json_response(StatusCode::OK, &json!({"events": router.events.snapshot()}))
         }
@@ -122,17 +159,14 @@ async fn handle(
         }
         (&Method::GET, "/") => respond(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
         (_, p) if p == "/demo" || p.starts_with("/demo/") => demo(&router, &method, p),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/events" | "/reload" | "/") => {
-            respond(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "method not allowed\n",
-            )
+        (_, "/reload") => method_not_allowed("POST"),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/routes" | "/history" | "/events" | "/") => {
+            method_not_allowed("GET")
         }
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /healthz /readyz /metrics /routes /events /reload\n",
+            "not found: try /healthz /readyz /metrics /routes /history /events /reload\n",
         ),
     };
     Ok(r)
@@ -155,15 +189,22 @@ fn demo(router: &Router, method: &Method, path: &str) -> Response<Full<Bytes>> {
     match (method, parts.as_slice()) {
         (&Method::POST, ["demo", "zones", zone, action]) => match demo.set(zone, action) {
             Ok(msg) => {
-                router.events.push("demo", msg.clone());
+                let severity = if *action == "up" {
+                    Severity::Ok
+                } else {
+                    Severity::Warning
+                };
+                router.events.push_with("demo", severity, msg.clone());
                 json_response(StatusCode::OK, &json!({"ok": true, "message": msg}))
             }
             Err(e) => json_response(StatusCode::NOT_FOUND, &json!({"ok": false, "error": e})),
         },
+        (_, ["demo", "zones", _, _]) => method_not_allowed("POST"),
+        (_, ["demo"]) => method_not_allowed("GET"),
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try GET /demo or POST /demo/zones/{zone}/down|up|slow\n",
+            "try GET /demo or POST /demo/zones/{zone}/down|up|slow (up also undoes slow)\n",
         ),
     }
 }
@@ -171,6 +212,9 @@ fn demo(router: &Router, method: &Method, path: &str) -> Response<Full<Bytes>> {
 #[derive(Serialize)]
 struct RoutesJson<'a> {
     generation: u64,
+    /// Requests per second over the router's last sampling interval (null before the second
+    /// sample); the zones' and endpoints' `rps` likewise.
+    rps: Option<f64>,
     table_age_s: f64,
     locality: LocalityJson<'a>,
     clusters: Vec<ClusterJson<'a>>,
@@ -186,6 +230,7 @@ struct LocalityJson<'a> {
 struct ClusterJson<'a> {
     name: &'a str,
     panic: bool,
+    rps: Option<f64>,
     zones: Vec<ZoneJson<'a>>,
     endpoints: Vec<EndpointJson<'a>>,
     /// How traffic splits, in order: zone, share, why.
@@ -205,6 +250,7 @@ struct ZoneJson<'a> {
     endpoints: usize,
     share: f64,
     dial: u8,
+    rps: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -220,6 +266,7 @@ struct EndpointJson<'a> {
     in_flight: u32,
     weight: u32,
     requests: u64,
+    rps: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -233,39 +280,45 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn routes_json(t: &Table) -> RoutesJson<'_> {
-    RoutesJson {
-        generation: t.generation,
-        table_age_s: round3(t.built_at.elapsed().as_secs_f64()),
-        locality: LocalityJson {
-            region: &t.config.locality.region,
-            zone: &t.config.locality.zone,
-        },
-        clusters: t
-            .clusters
-            .iter()
-            .map(|c| ClusterJson {
+type Rates = HashMap<(Arc<str>, Arc<str>), f64>;
+
+fn sum_rates(it: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    it.flatten()
+        .fold(None, |acc, r| Some(acc.unwrap_or(0.0) + r))
+        .map(round3)
+}
+
+fn routes_json<'a>(t: &'a Table, rates: &Rates) -> RoutesJson<'a> {
+    let rate = |c: &Arc<str>, e: &Arc<str>| rates.get(&(c.clone(), e.clone())).copied();
+    let clusters: Vec<ClusterJson<'a>> = t
+        .clusters
+        .iter()
+        .map(|c| {
+            let zones: Vec<ZoneJson<'a>> = c
+                .zones
+                .iter()
+                .map(|z| ZoneJson {
+                    region: &z.region,
+                    zone: &z.zone,
+                    rank: z.rank,
+                    // Live, not the snapshot taken when the table was built.
+                    latency_ms: zone_latency_ms(z.endpoints.iter()).map(round3),
+                    healthy: z
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.state.is_available())
+                        .count(),
+                    endpoints: z.endpoints.len(),
+                    share: round3(z.share),
+                    dial: z.dial,
+                    rps: sum_rates(z.endpoints.iter().map(|e| rate(&c.name, &e.state.label))),
+                })
+                .collect();
+            ClusterJson {
                 name: &c.name,
                 panic: c.panic,
-                zones: c
-                    .zones
-                    .iter()
-                    .map(|z| ZoneJson {
-                        region: &z.region,
-                        zone: &z.zone,
-                        rank: z.rank,
-                        // Live, not the snapshot taken when the table was built.
-                        latency_ms: zone_latency_ms(z.endpoints.iter()).map(round3),
-                        healthy: z
-                            .endpoints
-                            .iter()
-                            .filter(|e| e.state.is_available())
-                            .count(),
-                        endpoints: z.endpoints.len(),
-                        share: round3(z.share),
-                        dial: z.dial,
-                    })
-                    .collect(),
+                rps: sum_rates(zones.iter().map(|z| z.rps)),
+                zones,
                 endpoints: c
                     .zones
                     .iter()
@@ -282,6 +335,7 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
                         in_flight: e.state.in_flight.load(Ordering::Relaxed),
                         weight: e.weight,
                         requests: e.state.requests.load(Ordering::Relaxed),
+                        rps: rate(&c.name, &e.state.label).map(round3),
                     })
                     .collect(),
                 slices: c
@@ -295,7 +349,17 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
                     })
                     .collect(),
                 refused_share: round3(1.0 - c.slices.last().map_or(0.0, |s| s.upto)),
-            })
-            .collect(),
+            }
+        })
+        .collect();
+    RoutesJson {
+        generation: t.generation,
+        rps: sum_rates(clusters.iter().map(|c| c.rps)),
+        table_age_s: round3(t.built_at.elapsed().as_secs_f64()),
+        locality: LocalityJson {
+            region: &t.config.locality.region,
+            zone: &t.config.locality.zone,
+        },
+        clusters,
     }
 }

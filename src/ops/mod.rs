@@ -1,8 +1,9 @@
 //! Operating the router: the running router's handle (start, reload, drain, readiness), the
-//! admin API and dashboard, the `status` command, and the demo.
+//! admin API and dashboard, the per-zone history behind its charts, the `status` command, and the demo.
 
 pub mod admin;
 pub mod demo;
+pub mod history;
 pub mod router;
 pub mod status;
 pub mod upgrade;

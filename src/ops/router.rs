@@ -16,7 +16,7 @@ use crate::control::probe::Health;
 use crate::control::reconcile::{self, publish_zone_shares, Builder};
 use crate::control::{Control, ProxyState, Table};
 use crate::dataplane::listener::{self, bind, spawn_data_threads};
-use crate::telemetry::{Events, Metrics};
+use crate::telemetry::{Events, Metrics, Severity};
 use crate::upstream;
 
 /// The running router: what the admin API and the signal handlers act on.
@@ -38,6 +38,8 @@ pub struct Router {
     shutdown_tx: watch::Sender<bool>,
     /// The listening sockets a binary upgrade hands over.
     pub handover: crate::ops::upgrade::Handover,
+    /// The last minutes of every zone, sampled once a second.
+    pub history: Arc<crate::ops::history::History>,
     /// Demo controls, when the router runs the demo.
     pub demo: Mutex<Option<Arc<crate::ops::demo::Demo>>>,
 }
@@ -174,6 +176,7 @@ pub async fn start_with(
         tls: tls.clone(),
         shutdown_tx,
         handover,
+        history: Arc::new(crate::ops::history::History::new()),
         demo: Mutex::new(None),
     });
     metrics.table_generation.set(1);
@@ -222,6 +225,12 @@ pub async fn start_with(
         }
     };
     tokio::spawn(reconcile::run(control.clone(), builder));
+    tokio::spawn(crate::ops::history::run(
+        router.history.clone(),
+        control.clone(),
+        metrics.clone(),
+        router.shutdown_tx.subscribe(),
+    ));
     tokio::spawn(crate::ops::admin::serve(admin_listener, router.clone()));
     router.listening.store(true, Ordering::Relaxed);
     info!(
@@ -263,6 +272,12 @@ impl Router {
     pub fn reload(&self) -> Result<String, String> {
         let result = self.try_reload();
         let label = if result.is_ok() { "success" } else { "failure" };
+        // A reload that had to keep part of the old config (restart needed) is a warning.
+        let severity = match &result {
+            Ok((_, true)) => Severity::Warning,
+            _ => Severity::Info,
+        };
+        let result = result.map(|(msg, _)| msg);
         self.metrics
             .config_reloads
             .with_label_values(&[label])
@@ -270,19 +285,23 @@ impl Router {
         match &result {
             Ok(msg) => {
                 info!(target: "reload", "{msg}");
-                self.events.push("reload", msg.clone());
+                self.events.push_with("reload", severity, msg.clone());
                 self.metrics.config_last_reload_success.set(unix_now());
             }
             Err(e) => {
                 error!(target: "reload", "reload failed, keeping the running config: {e}");
-                self.events
-                    .push("reload", format!("reload failed, running config kept: {e}"));
+                self.events.push_with(
+                    "reload",
+                    Severity::Error,
+                    format!("reload failed, running config kept: {e}"),
+                );
             }
         }
         result
     }
 
-    fn try_reload(&self) -> Result<String, String> {
+    /// The message, and whether part of the new config waits for a restart.
+    fn try_reload(&self) -> Result<(String, bool), String> {
         let path = self
             .config_path
             .as_ref()
@@ -339,12 +358,13 @@ impl Router {
         if let Some(n) = certs {
             msg.push_str(&format!("; {n} listener certificate(s) reloaded"));
         }
+        let kept_old = !notes.is_empty();
         for n in notes {
             warn!(target: "reload", "{n}");
             msg.push_str("; ");
             msg.push_str(&n);
         }
-        Ok(msg)
+        Ok((msg, kept_old))
     }
 
     /// Stops accepting, turns /readyz to 503 and lets in-flight requests finish.
@@ -354,7 +374,8 @@ impl Router {
                 "draining: no new connections; in-flight requests get up to {:?}",
                 self.control.config.load().listener.drain_timeout
             );
-            self.events.push("reload", "draining for shutdown".into());
+            self.events
+                .push_with("reload", Severity::Warning, "draining for shutdown".into());
             self.handover.release();
             let _ = self.shutdown_tx.send(true);
         }

@@ -1,7 +1,9 @@
 //! `edge-router status`: the dashboard's picture in a terminal, for people on an edge host
 //! over ssh. Reads `/routes` and `/events` of a running router's admin listener with a small
 //! hyper client and prints clusters, zones ranked nearest first (latency, healthy x/y, share
-//! of traffic and why, request rate), endpoints and the last events. `--watch` redraws.
+//! of traffic and why, request rate), endpoints, each zone's last minute from `/history` as
+//! sparklines, and the last events. `--watch` redraws (on a terminal; into a pipe it appends
+//! one picture after another, with no screen-clearing codes).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -16,11 +18,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
+mod render;
+pub use render::{render, sparkline, Style, SPARK_CHARS, SPARK_SAMPLES};
+
 /// Clusters with more endpoints than this list only the endpoints that are not healthy.
 pub const LIST_ENDPOINTS_UP_TO: usize = 60;
 /// Events shown under the table.
 pub const EVENTS_SHOWN: usize = 8;
-const BAR: usize = 20;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Options {
@@ -97,6 +101,8 @@ pub struct Endpoint {
     pub in_flight: u32,
     pub weight: Option<u32>,
     pub requests: Option<u64>,
+    /// Requests per second as the router measured them (routers before that: absent).
+    pub rps: Option<f64>,
 }
 
 #[derive(Deserialize, Default, Debug, Clone)]
@@ -118,7 +124,39 @@ pub struct EventsBody {
 pub struct Event {
     pub ts_ms: u64,
     pub kind: String,
+    pub severity: Option<String>,
     pub message: String,
+}
+
+/// `/history`: one value per sample in every series (see `ops::history`).
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(default)]
+pub struct History {
+    pub interval_ms: u64,
+    pub t_ms: Vec<u64>,
+    pub clusters: Vec<ClusterHistory>,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(default)]
+pub struct ClusterHistory {
+    pub name: String,
+    pub rps: Vec<Option<f64>>,
+    pub retries_per_s: Vec<Option<f64>>,
+    pub zones: Vec<ZoneHistory>,
+}
+
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(default)]
+pub struct ZoneHistory {
+    pub region: String,
+    pub zone: String,
+    pub latency_ms: Vec<Option<f64>>,
+    pub share: Vec<Option<f64>>,
+    pub served_share: Vec<Option<f64>>,
+    pub rps: Vec<Option<f64>>,
+    pub errors_per_s: Vec<Option<f64>>,
+    pub ejections_per_s: Vec<Option<f64>>,
 }
 
 /// Request rates from the `requests` counters of two snapshots.
@@ -153,86 +191,11 @@ impl Rates {
             .get(&(cluster.to_string(), address.to_string()))
             .copied()
     }
-}
 
-/// ANSI styling, or none.
-#[derive(Clone, Copy)]
-pub struct Style {
-    pub color: bool,
-}
-
-impl Style {
-    fn paint(&self, code: &str, s: &str) -> String {
-        if self.color {
-            format!("\x1b[{code}m{s}\x1b[0m")
-        } else {
-            s.to_string()
-        }
+    /// The router's own rate when it gives one, else the one measured here.
+    fn of(&self, cluster: &str, e: &Endpoint) -> Option<f64> {
+        e.rps.or_else(|| self.get(cluster, &e.address))
     }
-    fn bold(&self, s: &str) -> String {
-        self.paint("1", s)
-    }
-    fn dim(&self, s: &str) -> String {
-        self.paint("2", s)
-    }
-    fn green(&self, s: &str) -> String {
-        self.paint("32", s)
-    }
-    fn yellow(&self, s: &str) -> String {
-        self.paint("33", s)
-    }
-    fn red(&self, s: &str) -> String {
-        self.paint("31", s)
-    }
-    fn blue(&self, s: &str) -> String {
-        self.paint("34", s)
-    }
-}
-
-fn fmt_ms(v: Option<f64>) -> String {
-    match v {
-        None => "–".into(),
-        Some(v) if v >= 1000.0 => format!("{:.2} s", v / 1000.0),
-        Some(v) if v < 10.0 => format!("{v:.1} ms"),
-        Some(v) => format!("{v:.0} ms"),
-    }
-}
-
-fn fmt_rate(v: Option<f64>) -> String {
-    match v {
-        None => "–".into(),
-        Some(v) if v >= 100.0 => format!("{v:.0}"),
-        Some(v) => format!("{v:.1}"),
-    }
-}
-
-fn fmt_age(ms: i64) -> String {
-    let s = ms.max(0) as f64 / 1000.0;
-    if s < 60.0 {
-        format!("{s:.1} s ago")
-    } else if s < 7200.0 {
-        format!("{:.0} min ago", s / 60.0)
-    } else {
-        format!("{:.1} h ago", s / 3600.0)
-    }
-}
-
-/// Pads `s` (which may hold ANSI codes) to `w` visible characters.
-fn pad(s: &str, visible: usize, w: usize) -> String {
-    let mut out = s.to_string();
-    for _ in visible..w {
-        out.push(' ');
-    }
-    out
-}
-
-fn bar(share: f64) -> (String, String) {
-    let share = share.clamp(0.0, 1.0);
-    let mut n = (share * BAR as f64).round() as usize;
-    if share > 0.0 && n == 0 {
-        n = 1;
-    }
-    ("█".repeat(n), "░".repeat(BAR - n))
 }
 
 fn unix_ms() -> i64 {
@@ -240,251 +203,6 @@ fn unix_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// The whole picture as text. `events` may be empty (an older router without /events).
-pub fn render(
-    admin: &str,
-    routes: &Routes,
-    events: &[Event],
-    rates: &Rates,
-    style: Style,
-    now_ms: i64,
-) -> String {
-    let mut o = String::new();
-    let (mut healthy, mut total, mut rps, mut have_rate) = (0, 0, 0.0, false);
-    for c in &routes.clusters {
-        for e in &c.endpoints {
-            total += 1;
-            if e.healthy && !e.ejected {
-                healthy += 1;
-            }
-            if let Some(r) = rates.get(&c.name, &e.address) {
-                rps += r;
-                have_rate = true;
-            }
-        }
-    }
-    let loc = routes
-        .locality
-        .as_ref()
-        .map(|l| format!("{} / {}", l.region, l.zone))
-        .unwrap_or_else(|| "–".into());
-    let _ = writeln!(
-        o,
-        "{}  {}",
-        style.bold("edge-router"),
-        style.dim(&format!("admin {admin}"))
-    );
-    let _ = writeln!(
-        o,
-        "generation {}  ·  table age {}  ·  locality {}  ·  {}/{} endpoints healthy  ·  {} req/s",
-        routes.generation,
-        routes
-            .table_age_s
-            .map(|s| format!("{s:.1} s"))
-            .unwrap_or_else(|| "–".into()),
-        loc,
-        healthy,
-        total,
-        if have_rate {
-            fmt_rate(Some(rps))
-        } else {
-            "–".into()
-        }
-    );
-    if routes.clusters.is_empty() {
-        let _ = writeln!(o, "\nThe routing table has no clusters.");
-    }
-    for c in &routes.clusters {
-        render_cluster(&mut o, c, routes.locality.as_ref(), rates, style);
-    }
-    let _ = writeln!(o, "\n{}", style.bold("Events (newest first)"));
-    if events.is_empty() {
-        let _ = writeln!(o, "  {}", style.dim("no events yet"));
-    }
-    for e in events.iter().rev().take(EVENTS_SHOWN) {
-        let kind = match e.kind.as_str() {
-            "ejection" => style.red(&format!("{:<9}", e.kind)),
-            "health" => style.blue(&format!("{:<9}", e.kind)),
-            "demo" => style.yellow(&format!("{:<9}", e.kind)),
-            _ => style.dim(&format!("{:<9}", e.kind)),
-        };
-        let _ = writeln!(
-            o,
-            "  {:>12}  {kind} {}",
-            fmt_age(now_ms - e.ts_ms as i64),
-            e.message
-        );
-    }
-    o
-}
-
-fn render_cluster(
-    o: &mut String,
-    c: &Cluster,
-    local: Option<&Locality>,
-    rates: &Rates,
-    style: Style,
-) {
-    let healthy = c
-        .endpoints
-        .iter()
-        .filter(|e| e.healthy && !e.ejected)
-        .count();
-    let mut rps = 0.0;
-    let mut have_rate = false;
-    for e in &c.endpoints {
-        if let Some(r) = rates.get(&c.name, &e.address) {
-            rps += r;
-            have_rate = true;
-        }
-    }
-    let serving = c.zones.iter().find(|z| z.healthy > 0);
-    let _ = write!(
-        o,
-        "\n{} {}  ·  {} zones  ·  {}/{} endpoints healthy  ·  {} req/s  ·  ",
-        style.bold("cluster"),
-        style.bold(&c.name),
-        c.zones.len(),
-        healthy,
-        c.endpoints.len(),
-        if have_rate {
-            fmt_rate(Some(rps))
-        } else {
-            "–".into()
-        },
-    );
-    let _ = match serving {
-        Some(z) => writeln!(o, "serving from {}", style.bold(&z.zone)),
-        None if c.endpoints.is_empty() => writeln!(o, "no endpoints"),
-        None => writeln!(o, "{}", style.red("no healthy endpoint: failing open")),
-    };
-    let _ = writeln!(
-        o,
-        "{}",
-        style.dim(&format!(
-            "  {:>4}  {:<22} {:<16} {:>9}  {:>7}  {:<31} {:>7}",
-            "RANK", "ZONE", "REGION", "LATENCY", "HEALTHY", "TRAFFIC SHARE", "REQ/S"
-        ))
-    );
-    let list_all = c.endpoints.len() <= LIST_ENDPOINTS_UP_TO;
-    let mut hidden = 0;
-    for (i, z) in c.zones.iter().enumerate() {
-        let eps: Vec<&Endpoint> = c
-            .endpoints
-            .iter()
-            .filter(|e| e.zone == z.zone && e.region == z.region)
-            .collect();
-        let mut zone_rps = 0.0;
-        let mut zone_have = false;
-        for e in &eps {
-            if let Some(r) = rates.get(&c.name, &e.address) {
-                zone_rps += r;
-                zone_have = true;
-            }
-        }
-        let mut name = z.zone.clone();
-        let mut name_w = name.chars().count();
-        if local.is_some_and(|l| l.zone == z.zone && l.region == z.region) {
-            name.push_str(&format!(" {}", style.blue("local")));
-            name_w += 6;
-        }
-        if let Some(d) = z.dial.filter(|d| *d < 100) {
-            let t = format!(" dial {d}%");
-            name_w += t.chars().count();
-            name.push_str(&style.yellow(&t));
-        }
-        let hx = format!("{}/{}", z.healthy, z.endpoints);
-        let hx = if z.endpoints == 0 {
-            style.dim(&format!("{hx:>7}"))
-        } else if z.healthy == 0 {
-            style.red(&format!("{hx:>7}"))
-        } else if z.healthy < z.endpoints {
-            style.yellow(&format!("{hx:>7}"))
-        } else {
-            style.green(&format!("{hx:>7}"))
-        };
-        let share = z.share.unwrap_or(0.0);
-        let (full, empty) = bar(share);
-        let why = c
-            .slices
-            .iter()
-            .find(|s| s.zone == z.zone && s.share > 0.0)
-            .map(|s| s.reason.as_str())
-            .unwrap_or("");
-        let share_txt = format!("{:>4.0}% {:<9}", share * 100.0, why);
-        let rank = z.rank.unwrap_or(i);
-        let _ = writeln!(
-            o,
-            "  {:>4}  {} {:<16} {:>9}  {}  {}{} {} {:>7}",
-            rank,
-            pad(&name, name_w, 22),
-            z.region,
-            fmt_ms(z.latency_ms),
-            hx,
-            style.blue(&full),
-            style.dim(&empty),
-            if share > 0.0 {
-                share_txt
-            } else {
-                style.dim(&share_txt)
-            },
-            if zone_have {
-                fmt_rate(Some(zone_rps))
-            } else {
-                "–".into()
-            }
-        );
-        for e in eps {
-            let health = if e.ejected {
-                style.yellow("ejected  ")
-            } else if e.healthy {
-                style.green("healthy  ")
-            } else {
-                style.red("unhealthy")
-            };
-            if !list_all && e.healthy && !e.ejected {
-                hidden += 1;
-                continue;
-            }
-            let dot = if e.ejected {
-                style.yellow("●")
-            } else if e.healthy {
-                style.green("●")
-            } else {
-                style.red("●")
-            };
-            let _ = writeln!(
-                o,
-                "          {dot} {:<24} {health} {:>9}  {:>3} in flight  {:>7} req/s{}",
-                e.address,
-                fmt_ms(e.latency_ms),
-                e.in_flight,
-                fmt_rate(rates.get(&c.name, &e.address)),
-                e.weight
-                    .filter(|w| *w != 100)
-                    .map(|w| format!("  weight {w}"))
-                    .unwrap_or_default(),
-            );
-        }
-    }
-    if hidden > 0 {
-        let _ = writeln!(
-            o,
-            "  {}",
-            style.dim(&format!(
-                "({hidden} healthy endpoints not listed: more than {LIST_ENDPOINTS_UP_TO} in this cluster)"
-            ))
-        );
-    }
-    if c.panic {
-        let _ = writeln!(
-            o,
-            "  {}",
-            style.red("panic mode: too few healthy endpoints, routing to all")
-        );
-    }
 }
 
 /// SIGINT or SIGTERM.
@@ -551,45 +269,88 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-async fn fetch(client: &HttpClient, admin: &str) -> Result<(Routes, Vec<Event>), String> {
+/// What one look at the router gives.
+struct Snapshot {
+    routes: Routes,
+    events: Vec<Event>,
+    history: Option<History>,
+}
+
+async fn fetch(client: &HttpClient, admin: &str) -> Result<Snapshot, String> {
     let routes: Routes = get_json(client, admin, "/routes").await?;
-    // /events is optional: show the table even when it is missing.
+    // /events and /history are optional: show the table even when they are missing.
     let events = get_json::<EventsBody>(client, admin, "/events")
         .await
         .map(|b| b.events)
         .unwrap_or_default();
-    Ok((routes, events))
+    let history = get_json::<History>(client, admin, "/history").await.ok();
+    Ok(Snapshot {
+        routes,
+        events,
+        history,
+    })
+}
+
+impl Snapshot {
+    /// Does the router give request rates itself (or do two looks have to measure them)?
+    fn has_rates(&self) -> bool {
+        self.routes
+            .clusters
+            .iter()
+            .flat_map(|c| &c.endpoints)
+            .any(|e| e.rps.is_some())
+    }
+
+    fn render(&self, admin: &str, rates: &Rates, style: Style) -> String {
+        render(
+            admin,
+            &self.routes,
+            &self.events,
+            self.history.as_ref(),
+            rates,
+            style,
+            unix_ms(),
+        )
+    }
 }
 
 /// Runs the command: 0 on success (or Ctrl-C in watch mode), 1 when the admin API cannot be
 /// read.
 pub async fn run(opts: Options) -> ExitCode {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let terminal = std::io::stdout().is_terminal();
     let style = Style {
-        color: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        color: terminal && std::env::var_os("NO_COLOR").is_none(),
     };
     let mut rates = Rates::default();
     let hint = "is edge-router running? use --admin ADDR to point at its admin listener";
-    let first = match fetch(&client, &opts.admin).await {
+    let mut first = match fetch(&client, &opts.admin).await {
         Ok(x) => x,
         Err(e) => {
             eprintln!("error: {e} ({hint})");
             return ExitCode::from(1);
         }
     };
-    rates.update(&first.0, Instant::now());
+    rates.update(&first.routes, Instant::now());
     if !opts.watch {
-        // A second look after a short while gives request rates.
-        tokio::time::sleep(opts.interval.min(Duration::from_secs(1))).await;
-        let (routes, events) = match fetch(&client, &opts.admin).await {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("error: {e} ({hint})");
-                return ExitCode::from(1);
-            }
-        };
-        rates.update(&routes, Instant::now());
-        let text = render(&opts.admin, &routes, &events, &rates, style, unix_ms());
+        // A router that does not measure rates itself needs a second look after a while.
+        let has_traffic = first
+            .routes
+            .clusters
+            .iter()
+            .any(|c| !c.endpoints.is_empty());
+        if !first.has_rates() && has_traffic {
+            tokio::time::sleep(opts.interval.min(Duration::from_secs(1))).await;
+            first = match fetch(&client, &opts.admin).await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("error: {e} ({hint})");
+                    return ExitCode::from(1);
+                }
+            };
+            rates.update(&first.routes, Instant::now());
+        }
+        let text = first.render(&opts.admin, &rates, style);
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
@@ -600,18 +361,14 @@ pub async fn run(opts: Options) -> ExitCode {
     let mut current = Ok(first);
     let mut last_good: Option<Instant> = None;
     loop {
-        let mut frame = String::from("\x1b[H\x1b[2J");
+        let mut frame = String::new();
+        if terminal {
+            frame.push_str("\x1b[H\x1b[2J");
+        }
         match &current {
-            Ok((routes, events)) => {
+            Ok(snap) => {
                 last_good = Some(Instant::now());
-                frame.push_str(&render(
-                    &opts.admin,
-                    routes,
-                    events,
-                    &rates,
-                    style,
-                    unix_ms(),
-                ));
+                frame.push_str(&snap.render(&opts.admin, &rates, style));
             }
             Err(e) => {
                 frame.push_str(&style.red(&format!("disconnected: {e}")));
@@ -630,6 +387,11 @@ pub async fn run(opts: Options) -> ExitCode {
             "\n{}\n",
             style.dim(&format!("every {:?} · Ctrl-C to quit", opts.interval))
         );
+        if !terminal {
+            // Into a file or a pipe: pictures one after another, each closed by a rule.
+            frame.push_str(&"─".repeat(40));
+            frame.push('\n');
+        }
         {
             let mut out = std::io::stdout().lock();
             if out
@@ -649,126 +411,11 @@ pub async fn run(opts: Options) -> ExitCode {
             r = next => current = r,
             _ = stop.recv() => return ExitCode::SUCCESS,
         }
-        if let Ok((routes, _)) = &current {
-            rates.update(routes, Instant::now());
+        if let Ok(snap) = &current {
+            rates.update(&snap.routes, Instant::now());
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample() -> Routes {
-        serde_json::from_str(
-            r#"{"generation": 7, "table_age_s": 1.5,
-              "locality": {"region": "us-east-1", "zone": "us-east-1a"},
-              "clusters": [{"name": "api", "panic": false,
-                "zones": [
-                  {"region": "us-east-1", "zone": "us-east-1b", "rank": 0, "latency_ms": 8.2,
-                   "healthy": 1, "endpoints": 2, "share": 0.7, "dial": 100},
-                  {"region": "eu-west-1", "zone": "eu-west-1a", "rank": 1, "latency_ms": 75.0,
-                   "healthy": 1, "endpoints": 1, "share": 0.3, "dial": 100},
-                  {"region": "us-east-1", "zone": "us-east-1a", "rank": 2, "latency_ms": null,
-                   "healthy": 0, "endpoints": 1, "share": 0.0, "dial": 100}],
-                "endpoints": [
-                  {"address": "10.0.0.1:80", "region": "us-east-1", "zone": "us-east-1b",
-                   "healthy": true, "ejected": false, "latency_ms": 8.0, "in_flight": 3,
-                   "weight": 100, "requests": 100},
-                  {"address": "10.0.0.2:80", "region": "us-east-1", "zone": "us-east-1b",
-                   "healthy": false, "ejected": true, "latency_ms": 9.0, "in_flight": 0,
-                   "weight": 100, "requests": 50},
-                  {"address": "10.0.0.3:80", "region": "eu-west-1", "zone": "eu-west-1a",
-                   "healthy": true, "ejected": false, "latency_ms": 75.0, "in_flight": 1,
-                   "weight": 100, "requests": 10},
-                  {"address": "10.0.0.4:80", "region": "us-east-1", "zone": "us-east-1a",
-                   "healthy": false, "ejected": false, "latency_ms": null, "in_flight": 0,
-                   "weight": 100, "requests": 0}],
-                "slices": [{"zone": "us-east-1b", "share": 0.7, "reason": "failover"},
-                           {"zone": "eu-west-1a", "share": 0.3, "reason": "spillover"}]}]}"#,
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn renders_zones_in_rank_order_with_health_share_and_rates() {
-        let r = sample();
-        let mut rates = Rates::default();
-        let t0 = Instant::now();
-        rates.update(&r, t0);
-        let mut r2 = r.clone();
-        r2.clusters[0].endpoints[0].requests = Some(120);
-        rates.update(&r2, t0 + Duration::from_secs(2));
-        let events = vec![
-            Event {
-                ts_ms: 1_000,
-                kind: "health".into(),
-                message: "older event".into(),
-            },
-            Event {
-                ts_ms: 2_000,
-                kind: "ejection".into(),
-                message: "newer event".into(),
-            },
-        ];
-        let text = render(
-            "127.0.0.1:9901",
-            &r2,
-            &events,
-            &rates,
-            Style { color: false },
-            5_000,
-        );
-        let b = text.find("us-east-1b").unwrap();
-        let e = text.find("eu-west-1a").unwrap();
-        let a = text.find("us-east-1a local").unwrap();
-        assert!(b < e && e < a, "zones not nearest first:\n{text}");
-        assert!(text.contains("2/4 endpoints healthy"), "{text}");
-        assert!(text.contains("serving from us-east-1b"), "{text}");
-        assert!(text.contains("1/2"), "{text}");
-        assert!(text.contains("70% failover"), "{text}");
-        assert!(text.contains("30% spillover"), "{text}");
-        // 20 requests in 2 s on the first endpoint.
-        assert!(text.contains("10.0 req/s"), "{text}");
-        assert!(text.contains("ejected"), "{text}");
-        assert!(text.contains("unhealthy"), "{text}");
-        // Newest event first.
-        let s = text.find("newer event").unwrap();
-        let f = text.find("older event").unwrap();
-        assert!(s < f, "{text}");
-        assert!(text.contains("3.0 s ago"), "{text}");
-        assert!(!text.contains('\x1b'), "no colour asked for");
-    }
-
-    #[test]
-    fn large_clusters_list_only_unhealthy_endpoints() {
-        let mut r = sample();
-        let c = &mut r.clusters[0];
-        for i in 0..100 {
-            c.endpoints.push(Endpoint {
-                address: format!("10.1.0.{i}:80"),
-                region: "eu-west-1".into(),
-                zone: "eu-west-1a".into(),
-                healthy: true,
-                ..Default::default()
-            });
-        }
-        let text = render("x:1", &r, &[], &Rates::default(), Style { color: false }, 0);
-        assert!(!text.contains("10.1.0.5:80"), "{text}");
-        assert!(text.contains("10.0.0.2:80"), "{text}");
-        assert!(text.contains("(102 healthy endpoints not listed"), "{text}");
-    }
-
-    #[test]
-    fn admin_addresses() {
-        assert_eq!(parse_admin("127.0.0.1:9901").unwrap(), "127.0.0.1:9901");
-        assert_eq!(
-            parse_admin("http://localhost:9901/").unwrap(),
-            "localhost:9901"
-        );
-        assert_eq!(parse_admin("[::1]:9901").unwrap(), "[::1]:9901");
-        assert!(parse_admin("localhost").is_err());
-        assert!(parse_admin("https://x:1").is_err());
-        assert!(parse_admin("a b:1").is_err());
-    }
-}
+mod tests;

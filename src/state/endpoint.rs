@@ -15,7 +15,7 @@ use crate::clock::now_ms;
 use crate::config::{Decay, HealthCheckConfig, OutlierConfig};
 use crate::state::budget::Budget;
 use crate::state::ewma::{Ewma, PeakEwma};
-use crate::telemetry::events::Events;
+use crate::telemetry::events::{Events, Severity};
 use crate::telemetry::metrics::{EndpointMetrics, Metrics};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,7 +196,7 @@ impl EndpointState {
             self.cluster, self.label, self.region, self.zone, dur, outlier.consecutive_failures
         );
         warn!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
-        shared.events.push("ejection", msg);
+        shared.events.push_with("ejection", Severity::Error, msg);
     }
 
     fn end_ejection(&self, why: &str) {
@@ -208,7 +208,7 @@ impl EndpointState {
                 self.cluster, self.label, self.region, self.zone
             );
             info!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
-            self.shared.events.push("ejection", msg);
+            self.shared.events.push_with("ejection", Severity::Ok, msg);
         }
     }
 
@@ -272,8 +272,19 @@ impl EndpointState {
             old.as_str(),
             new.as_str()
         );
-        info!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
-        self.shared.events.push("health", msg);
+        let severity = match new {
+            Status::Healthy => Severity::Ok,
+            Status::Unhealthy => Severity::Error,
+            Status::Unknown => Severity::Info,
+        };
+        // Losing an endpoint, or getting it back, is what an operator filtering at WARN still
+        // wants to see; the first verdict on a new endpoint is not.
+        if old == Status::Unknown {
+            info!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
+        } else {
+            warn!(target: "health", cluster = %self.cluster, endpoint = %self.label, "{msg}");
+        }
+        self.shared.events.push_with("health", severity, msg);
         self.shared.changed.notify_one();
         true
     }

@@ -4,5 +4,5 @@ pub mod events;
 pub mod logging;
 pub mod metrics;
 
-pub use events::{Event, Events};
+pub use events::{Event, Events, Severity};
 pub use metrics::Metrics;

@@ -16,6 +16,10 @@ Usage:
   dashboard_check.py expect-down URL --zone Z [--cluster C] [--wait S]
       assert that zone Z shows data-healthy="0" (in every cluster, or only in C) and that
       its endpoints are shown as unhealthy or ejected
+  dashboard_check.py eval URL EXPR [--size 1400,900] [--settle S]
+      load the page in real time at that window size, let it run S seconds (default 3),
+      evaluate the JavaScript expression EXPR in it and print its value as JSON (layout
+      and chart checks: computed styles, element sizes, data attributes)
   dashboard_check.py screenshot URL OUT.png [--size 1400,900] [--settle S]
       save a screenshot of the dashboard; with --settle S the page runs S seconds of
       real time first (virtual time makes req/s rates meaningless; use it for docs)
@@ -186,6 +190,30 @@ def screenshot_real_time(url, out, size, settle):
         f.write(base64.b64decode(data))
 
 
+def eval_real_time(url, expr, size, settle):
+    """Load url at size W,H, let it run `settle` real seconds, then evaluate expr in the page;
+    its value (JSON-serialisable) is returned."""
+    w, h = (int(v) for v in size.split(","))
+    cdp = Cdp([f"--window-size={w},{h}"])
+    try:
+        targets = cdp.call("Target.getTargets")["targetInfos"]
+        page = next(t["targetId"] for t in targets if t.get("type") == "page")
+        session = cdp.call("Target.attachToTarget", {"targetId": page, "flatten": True})["sessionId"]
+        cdp.call("Emulation.setDeviceMetricsOverride",
+                 {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False}, session)
+        nav = cdp.call("Page.navigate", {"url": url}, session)
+        if nav.get("errorText"):
+            raise Usage(f"chromium could not load {url}: {nav['errorText']}")
+        time.sleep(settle)
+        res = cdp.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session)
+    finally:
+        cdp.close()
+    if res.get("exceptionDetails"):
+        raise Fail(f"the expression threw: {res['exceptionDetails'].get('text')} "
+                   f"{res['exceptionDetails'].get('exception', {}).get('description', '')}")
+    return res.get("result", {}).get("value")
+
+
 def dump_dom(url):
     proc = run_chromium(["--dump-dom"], url)
     out = proc.stdout.decode("utf-8", "replace")
@@ -337,6 +365,11 @@ def main(argv):
     s.add_argument("--settle", type=float, default=0.0,
                    help="instead of virtual time, let the page run this many real seconds before the "
                         "shot (so req/s rates are real; uses --remote-debugging-pipe)")
+    v = sub.add_parser("eval", help="evaluate a JavaScript expression in the live page, print its JSON value")
+    v.add_argument("url")
+    v.add_argument("expr")
+    v.add_argument("--size", default="1400,900", help="window size W,H (default 1400,900)")
+    v.add_argument("--settle", type=float, default=3.0, help="real seconds the page runs first (default 3)")
     args = ap.parse_args(argv)
 
     try:
@@ -348,6 +381,8 @@ def main(argv):
             print(with_wait(args.url, check_expect, args, args.wait))
         elif args.cmd == "expect-down":
             print(with_wait(args.url, check_down, args, args.wait))
+        elif args.cmd == "eval":
+            print(json.dumps(eval_real_time(args.url, args.expr, args.size, args.settle)))
         elif args.cmd == "screenshot":
             out = os.path.abspath(args.out)
             if os.path.exists(out):

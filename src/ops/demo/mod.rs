@@ -138,7 +138,7 @@ impl Demo {
         }
     }
 
-    /// `action` is down, up or slow.
+    /// `action` is down, up or slow; `up` also undoes `slow`.
     pub fn set(&self, zone: &str, action: &str) -> Result<String, String> {
         let state = match action {
             "down" => ZoneState::Down,
@@ -146,18 +146,19 @@ impl Demo {
             "slow" => ZoneState::Slow,
             other => return Err(format!("unknown action {other:?}: use down, up or slow")),
         };
-        let z = self
-            .zones
-            .iter()
-            .find(|z| z.zone == zone)
-            .ok_or_else(|| format!("no demo zone {zone:?}"))?;
+        let z = self.zones.iter().find(|z| z.zone == zone).ok_or_else(|| {
+            let names: Vec<&str> = self.zones.iter().map(|z| z.zone).collect();
+            format!("no demo zone {zone:?}: the zones are {}", names.join(", "))
+        })?;
         z.state.store(state as u8, Ordering::Relaxed);
         Ok(match state {
             ZoneState::Down => {
                 format!("demo: zone {zone} is down (its backends drop every connection)")
             }
             ZoneState::Up => format!("demo: zone {zone} is up again"),
-            ZoneState::Slow => format!("demo: zone {zone} is slow (+{SLOW_EXTRA_MS} ms)"),
+            ZoneState::Slow => format!(
+                "demo: zone {zone} is slow (+{SLOW_EXTRA_MS} ms; POST /demo/zones/{zone}/up undoes it)"
+            ),
         })
     }
 
@@ -183,12 +184,13 @@ impl Demo {
     }
 
     /// The router config for these backends.
-    pub fn config_toml(&self, listen: SocketAddr, admin: SocketAddr) -> String {
+    pub fn config_toml(&self, listen: SocketAddr, admin: SocketAddr, access_log: bool) -> String {
         let mut s = format!(
             r#"
 [listener]
 address = "{listen}"
 route_header = true
+access_log = {access_log}
 
 [admin]
 address = "{admin}"

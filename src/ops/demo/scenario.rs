@@ -11,14 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-
 use super::{Demo, SLOW_EXTRA_MS};
 use crate::ops::router::Router;
 use crate::routing::table::zone_latency_ms;
+use crate::telemetry::Severity;
+
+mod traffic;
+use traffic::{drive, Outcome, Traffic};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -66,136 +65,6 @@ impl Default for Options {
 /// The zone the router runs in (the demo's locality) and the next nearest one.
 const NEAR: &str = "us-east-1a";
 const NEXT: &str = "us-east-1b";
-/// Answers in a row that make "all traffic is in zone Z".
-const STEADY: usize = 25;
-const MAX_IN_FLIGHT: usize = 64;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One answered (or failed) request of the driver.
-#[derive(Clone, Debug)]
-struct Outcome {
-    /// Since the traffic started.
-    sent: Duration,
-    done: Duration,
-    zone: Option<String>,
-    reason: Option<String>,
-    ok: bool,
-}
-
-struct Traffic {
-    start: Instant,
-    log: Mutex<Vec<Outcome>>,
-    stop: AtomicBool,
-    in_flight: AtomicUsize,
-}
-
-impl Traffic {
-    fn now(&self) -> Duration {
-        self.start.elapsed()
-    }
-
-    fn snapshot(&self) -> Vec<Outcome> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// The earliest-answered successful request sent at or after `since` that `pred` accepts.
-    fn first_answer(&self, since: Duration, pred: impl Fn(&Outcome) -> bool) -> Option<Outcome> {
-        self.snapshot()
-            .into_iter()
-            .filter(|o| o.sent >= since && o.ok && pred(o))
-            .min_by_key(|o| o.done)
-    }
-
-    /// The last STEADY requests sent at or after `since` were all answered by `zone`: when the
-    /// first answer of that run (which starts at or after `since`) came.
-    fn steady_in(&self, since: Duration, zone: &str) -> Option<Duration> {
-        let mut log: Vec<Outcome> = self
-            .snapshot()
-            .into_iter()
-            .filter(|o| o.sent >= since)
-            .collect();
-        log.sort_by_key(|o| o.sent);
-        if log.len() < STEADY {
-            return None;
-        }
-        let tail = &log[log.len() - STEADY..];
-        if tail.iter().all(|o| o.ok && o.zone.as_deref() == Some(zone)) {
-            // Since the first of the run of answers from `zone` that reaches to now.
-            let mut first = log.len() - STEADY;
-            while first > 0 && log[first - 1].ok && log[first - 1].zone.as_deref() == Some(zone) {
-                first -= 1;
-            }
-            Some(log[first].done)
-        } else {
-            None
-        }
-    }
-}
-
-async fn drive(traffic: Arc<Traffic>, target: SocketAddr, rate: u32) {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build_http();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut n: u64 = 0;
-    while !traffic.stop.load(Ordering::Relaxed) {
-        tick.tick().await;
-        if traffic.in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
-            continue;
-        }
-        n += 1;
-        let uri: http::Uri = match format!("http://{target}/scenario/{n}").parse() {
-            Ok(u) => u,
-            Err(_) => break,
-        };
-        let t = traffic.clone();
-        let client = client.clone();
-        t.in_flight.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let sent = t.now();
-            let res = tokio::time::timeout(REQUEST_TIMEOUT, async {
-                let resp = client.get(uri).await.ok()?;
-                let route = resp
-                    .headers()
-                    .get("x-edge-route")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let ok = resp.status().is_success();
-                let _ = resp.into_body().collect().await;
-                Some((ok, route))
-            })
-            .await
-            .ok()
-            .flatten();
-            let (ok, route) = res.unwrap_or((false, None));
-            let field = |k: &str| {
-                route.as_deref().and_then(|r| {
-                    r.split(';')
-                        .filter_map(|kv| kv.trim().split_once('='))
-                        .find(|(key, _)| *key == k)
-                        .map(|(_, v)| v.to_string())
-                })
-            };
-            let o = Outcome {
-                sent,
-                done: t.now(),
-                zone: field("zone"),
-                reason: field("reason"),
-                ok,
-            };
-            if let Ok(mut l) = t.log.lock() {
-                l.push(o);
-            }
-            t.in_flight.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-    // Let the last requests finish (each is bounded by REQUEST_TIMEOUT).
-    let deadline = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(1);
-    while traffic.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// What the router's live table says about a zone of the demo cluster.
 #[derive(Debug, Clone)]
@@ -235,17 +104,27 @@ fn fmt_lat(v: Option<f64>) -> String {
 impl Driver {
     /// Prints a line of the story with the scenario clock, and puts it on the timeline.
     fn say(&self, msg: String) {
-        self.say_at(self.traffic.now(), msg);
+        self.say_at_as(self.traffic.now(), Severity::Info, msg);
+    }
+
+    fn say_as(&self, severity: Severity, msg: String) {
+        self.say_at_as(self.traffic.now(), severity, msg);
     }
 
     fn say_at(&self, t: Duration, msg: String) {
+        self.say_at_as(t, Severity::Info, msg);
+    }
+
+    /// `severity` colours the line on the dashboard: a fault is a warning, a recovery ok.
+    fn say_at_as(&self, t: Duration, severity: Severity, msg: String) {
         use std::io::Write;
         let line = format!("t={:>5.2}s  {msg}", t.as_secs_f64());
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
-        self.router.events.push(
+        self.router.events.push_with(
             "demo",
+            severity,
             format!("scenario {}, t={:.2}s: {msg}", self.name, t.as_secs_f64()),
         );
     }
@@ -302,7 +181,7 @@ impl Driver {
                     "{what}: did not happen within {}",
                     ms(self.opts.step_timeout)
                 );
-                self.say(msg.clone());
+                self.say_as(Severity::Error, msg.clone());
                 return Err(msg);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -404,9 +283,10 @@ impl Driver {
         self.sleep_until(self.opts.fault_at).await;
         let down_at = self.traffic.now();
         self.demo.set(NEAR, "down")?;
-        self.say(format!(
-            "zone {NEAR} DOWN: its backends drop every connection"
-        ));
+        self.say_as(
+            Severity::Warning,
+            format!("zone {NEAR} DOWN: its backends drop every connection"),
+        );
         let first = self
             .until("a request answered outside the failed zone", || {
                 self.traffic
@@ -448,7 +328,7 @@ impl Driver {
     async fn recover_zone(&self, zone: &str, action: &str) -> Result<(), String> {
         let up_at = self.traffic.now();
         self.demo.set(zone, action)?;
-        self.say(format!("zone {zone} UP again"));
+        self.say_as(Severity::Ok, format!("zone {zone} UP again"));
         self.returned(up_at).await
     }
 
@@ -459,8 +339,9 @@ impl Driver {
                     .first_answer(up_at, |o| o.zone.as_deref() == Some(NEAR))
             })
             .await?;
-        self.say_at(
+        self.say_at_as(
             first.done,
+            Severity::Ok,
             format!(
                 "zone back, traffic returned to {NEAR} in {} (first request answered there)",
                 ms(first.done.saturating_sub(up_at))
@@ -469,8 +350,9 @@ impl Driver {
         let all = self
             .all_in(NEAR, "all traffic back in the nearest zone")
             .await?;
-        self.say_at(
+        self.say_at_as(
             all,
+            Severity::Ok,
             format!(
                 "all traffic in {NEAR} again {} after it came back; table: {}",
                 ms(all.saturating_sub(up_at)),
@@ -489,10 +371,13 @@ impl Driver {
         );
         let slow_at = self.traffic.now();
         self.demo.set(NEAR, "slow")?;
-        self.say(format!(
-            "zone {NEAR} SLOW (+{SLOW_EXTRA_MS} ms per request); median answer before: {}",
-            before.map(ms).unwrap_or_else(|| "–".into())
-        ));
+        self.say_as(
+            Severity::Warning,
+            format!(
+                "zone {NEAR} SLOW (+{SLOW_EXTRA_MS} ms per request); median answer before: {}",
+                before.map(ms).unwrap_or_else(|| "–".into())
+            ),
+        );
         let re = self
             .until("the router ranking another zone first", || {
                 let z = self.zone(NEAR)?;
@@ -560,10 +445,13 @@ impl Driver {
         let n_eps = zone.endpoints.len();
         let down_at = self.traffic.now();
         self.demo.set_endpoint(victim, true)?;
-        self.say(format!(
-            "endpoint {victim} in {NEAR} DOWN: the zone keeps {} of {n_eps}",
-            n_eps - 1
-        ));
+        self.say_as(
+            Severity::Warning,
+            format!(
+                "endpoint {victim} in {NEAR} DOWN: the zone keeps {} of {n_eps}",
+                n_eps - 1
+            ),
+        );
         let first = self
             .until("a request answered outside the degraded zone", || {
                 self.traffic
@@ -613,7 +501,7 @@ impl Driver {
         self.sleep_until(self.opts.fault_at + self.opts.hold).await;
         let up_at = self.traffic.now();
         self.demo.set_endpoint(victim, false)?;
-        self.say(format!("endpoint {victim} in {NEAR} back up"));
+        self.say_as(Severity::Ok, format!("endpoint {victim} in {NEAR} back up"));
         let whole = self
             .until("the zone taking all its traffic back", || {
                 let z = self.zone(NEAR)?;
@@ -733,13 +621,21 @@ pub async fn run(
     let log = traffic.snapshot();
     let failed = log.iter().filter(|o| !o.ok).count();
     let (n, by) = d.measured_split(Duration::ZERO, Duration::MAX);
-    d.say(format!(
-        "scenario {} {}: {} requests in {:.1} s, {failed} failed; answered by {}",
-        scenario.name(),
-        if result.is_ok() { "done" } else { "FAILED" },
-        log.len(),
-        traffic.now().as_secs_f64(),
-        Driver::fmt_split(n, &by)
-    ));
+    let severity = if result.is_ok() {
+        Severity::Ok
+    } else {
+        Severity::Error
+    };
+    d.say_as(
+        severity,
+        format!(
+            "scenario {} {}: {} requests in {:.1} s, {failed} failed; answered by {}",
+            scenario.name(),
+            if result.is_ok() { "done" } else { "FAILED" },
+            log.len(),
+            traffic.now().as_secs_f64(),
+            Driver::fmt_split(n, &by)
+        ),
+    );
     result
 }
