@@ -19,7 +19,8 @@ use tracing::warn;
 
 use crate::control::Table;
 use crate::ops::router::Router;
-use crate::routing::table::zone_latency_ms;
+use crate::routing::rank::{required_lead_ms, zone_estimate_of, ZoneKey};
+use crate::state::Estimate;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
 
@@ -179,6 +180,8 @@ struct LocalityJson<'a> {
 struct ClusterJson<'a> {
     name: &'a str,
     panic: bool,
+    /// The ranking's margins in force.
+    ranking: RankingJson,
     zones: Vec<ZoneJson<'a>>,
     endpoints: Vec<EndpointJson<'a>>,
     /// How traffic splits, in order: zone, share, why.
@@ -189,11 +192,29 @@ struct ClusterJson<'a> {
 }
 
 #[derive(Serialize)]
+struct RankingJson {
+    hysteresis_percent: f64,
+    cross_region_margin_ms: f64,
+    rank_hold_ms: f64,
+}
+
+#[derive(Serialize)]
 struct ZoneJson<'a> {
     region: &'a str,
     zone: &'a str,
     rank: usize,
+    /// The zone's probe estimate (median round trip), live.
     latency_ms: Option<f64>,
+    /// Half-width of the estimate's confidence interval.
+    uncertainty_ms: Option<f64>,
+    /// Probe round trips the estimate stands on.
+    samples: usize,
+    /// The newest probes of every endpoint moved away together: the estimate follows them.
+    shifted: bool,
+    /// How much faster than the zone ranked just ahead this one must be to pass it (both
+    /// uncertainties, hysteresis, and the cross-region margin when it applies); `null` at
+    /// rank 0 or without estimates.
+    overtake_margin_ms: Option<f64>,
     healthy: usize,
     endpoints: usize,
     share: f64,
@@ -208,8 +229,12 @@ struct EndpointJson<'a> {
     healthy: bool,
     status: &'static str,
     ejected: bool,
+    /// Smoothed probe round trip.
     latency_ms: Option<f64>,
+    /// Real requests' time to headers: peak-sensitive and smoothed (`null` without a
+    /// recent request).
     peak_latency_ms: Option<f64>,
+    request_latency_ms: Option<f64>,
     in_flight: u32,
     weight: u32,
     requests: u64,
@@ -227,6 +252,7 @@ fn round3(x: f64) -> f64 {
 }
 
 fn routes_json(t: &Table) -> RoutesJson<'_> {
+    let routing = &t.config.routing;
     RoutesJson {
         generation: t.generation,
         table_age_s: round3(t.built_at.elapsed().as_secs_f64()),
@@ -237,57 +263,91 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
         clusters: t
             .clusters
             .iter()
-            .map(|c| ClusterJson {
-                name: &c.name,
-                panic: c.panic,
-                zones: c
+            .map(|c| {
+                // Live, not the snapshot taken when the table was built (a table is only
+                // swapped when it routes differently).
+                let est: Vec<Option<Estimate>> = c
                     .zones
                     .iter()
-                    .map(|z| ZoneJson {
-                        region: &z.region,
-                        zone: &z.zone,
-                        rank: z.rank,
-                        // Live, not the snapshot taken when the table was built.
-                        latency_ms: zone_latency_ms(z.endpoints.iter()).map(round3),
-                        healthy: z
-                            .endpoints
-                            .iter()
-                            .filter(|e| e.state.is_available())
-                            .count(),
-                        endpoints: z.endpoints.len(),
-                        share: round3(z.share),
-                        dial: z.dial,
-                    })
-                    .collect(),
-                endpoints: c
-                    .zones
-                    .iter()
-                    .flat_map(|z| z.endpoints.iter())
-                    .map(|e| EndpointJson {
-                        address: &e.state.label,
-                        region: &e.state.region,
-                        zone: &e.state.zone,
-                        healthy: e.state.is_available(),
-                        status: e.state.status().as_str(),
-                        ejected: e.state.is_ejected(),
-                        latency_ms: e.state.latency_ms().map(round3),
-                        peak_latency_ms: e.state.peak_latency_ms().map(round3),
-                        in_flight: e.state.in_flight.load(Ordering::Relaxed),
-                        weight: e.weight,
-                        requests: e.state.requests.load(Ordering::Relaxed),
-                    })
-                    .collect(),
-                slices: c
-                    .slices
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| SliceJson {
-                        zone: &c.zones[s.zone].zone,
-                        share: round3(s.upto - if i == 0 { 0.0 } else { c.slices[i - 1].upto }),
-                        reason: s.reason.as_str(),
-                    })
-                    .collect(),
-                refused_share: round3(1.0 - c.slices.last().map_or(0.0, |s| s.upto)),
+                    .map(|z| zone_estimate_of(z.endpoints.iter(), routing))
+                    .collect();
+                let key =
+                    |i: usize| -> ZoneKey { (c.zones[i].region.clone(), c.zones[i].zone.clone()) };
+                ClusterJson {
+                    name: &c.name,
+                    panic: c.panic,
+                    ranking: RankingJson {
+                        hysteresis_percent: round3(routing.hysteresis * 100.0),
+                        cross_region_margin_ms: round3(
+                            routing.cross_region_margin.as_secs_f64() * 1e3,
+                        ),
+                        rank_hold_ms: round3(routing.rank_hold.as_secs_f64() * 1e3),
+                    },
+                    zones: c
+                        .zones
+                        .iter()
+                        .enumerate()
+                        .map(|(i, z)| ZoneJson {
+                            region: &z.region,
+                            zone: &z.zone,
+                            rank: z.rank,
+                            latency_ms: est[i].map(|e| round3(e.ms)),
+                            uncertainty_ms: est[i].map(|e| round3(e.uncertainty_ms)),
+                            samples: est[i].map_or(0, |e| e.samples),
+                            shifted: est[i].is_some_and(|e| e.shifted),
+                            overtake_margin_ms: match (
+                                i.checked_sub(1).and_then(|p| est[p]),
+                                est[i],
+                            ) {
+                                (Some(ahead), Some(me)) => Some(round3(required_lead_ms(
+                                    (&key(i), &me),
+                                    (&key(i - 1), &ahead),
+                                    &t.config.locality,
+                                    routing,
+                                ))),
+                                _ => None,
+                            },
+                            healthy: z
+                                .endpoints
+                                .iter()
+                                .filter(|e| e.state.is_available())
+                                .count(),
+                            endpoints: z.endpoints.len(),
+                            share: round3(z.share),
+                            dial: z.dial,
+                        })
+                        .collect(),
+                    endpoints: c
+                        .zones
+                        .iter()
+                        .flat_map(|z| z.endpoints.iter())
+                        .map(|e| EndpointJson {
+                            address: &e.state.label,
+                            region: &e.state.region,
+                            zone: &e.state.zone,
+                            healthy: e.state.is_available(),
+                            status: e.state.status().as_str(),
+                            ejected: e.state.is_ejected(),
+                            latency_ms: e.state.latency_ms().map(round3),
+                            peak_latency_ms: e.state.peak_latency_ms().map(round3),
+                            request_latency_ms: e.state.request_latency_ms().map(round3),
+                            in_flight: e.state.in_flight.load(Ordering::Relaxed),
+                            weight: e.weight,
+                            requests: e.state.requests.load(Ordering::Relaxed),
+                        })
+                        .collect(),
+                    slices: c
+                        .slices
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| SliceJson {
+                            zone: &c.zones[s.zone].zone,
+                            share: round3(s.upto - if i == 0 { 0.0 } else { c.slices[i - 1].upto }),
+                            reason: s.reason.as_str(),
+                        })
+                        .collect(),
+                    refused_share: round3(1.0 - c.slices.last().map_or(0.0, |s| s.upto)),
+                }
             })
             .collect(),
     }

@@ -208,16 +208,14 @@ fn p2c<'t>(
     let (ea, eb) = (&zone.candidates[a], &zone.candidates[b]);
     let chosen = match (usable(ea), usable(eb)) {
         (true, true) => {
-            // With unequal weights the peak average alone would fight them: it is close to
-            // a recent maximum, so the endpoint that gets more requests (the heavier one)
-            // sees more peaks and looks slower. There the draw stands unless the smoothed
-            // average agrees that `b` is clearly cheaper (a sustained slowdown or load), by a
-            // margin wide enough that scheduler noise on a busy host does not undo weights.
-            let weighted = !zone.cum_weights.is_empty();
-            let margin = if weighted { 1.5 } else { 1.2 };
-            let clearly = cost(eb) * margin < cost(ea)
-                && (!weighted || smooth_cost(eb) * margin < smooth_cost(ea));
-            if clearly {
+            // With unequal weights the draw carries the weights, so the other candidate
+            // must be cheaper by a wider margin before it overrides the draw.
+            let margin = if zone.cum_weights.is_empty() {
+                1.2
+            } else {
+                1.5
+            };
+            if clearly_cheaper(eb, ea, margin) {
                 eb
             } else {
                 ea
@@ -248,14 +246,42 @@ fn draw(zone: &ZoneTable) -> usize {
     zone.cum_weights.partition_point(|&c| c <= r).min(n - 1)
 }
 
+fn load(e: &EndpointEntry) -> f64 {
+    e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0
+}
+
 fn cost(e: &EndpointEntry) -> f64 {
     // Before any sample an endpoint costs like a 30 ms one (linkerd's default RTT), so it
     // is tried but does not swallow traffic on hope.
-    let lat = e.state.latency.get_us().unwrap_or(30_000.0);
-    lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+    let s = &e.state;
+    let lat = s
+        .latency
+        .get_us()
+        .or_else(|| s.probe_latency.get_us())
+        .unwrap_or(30_000.0);
+    lat * load(e)
 }
 
-fn smooth_cost(e: &EndpointEntry) -> f64 {
-    let lat = e.state.smoothed.get_us().unwrap_or(30_000.0);
-    lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+/// Is `b` cheaper than `a` (latency x (in-flight + 1)) by more than `margin`, comparing
+/// like with like? Real requests are compared with real requests when both endpoints have
+/// recent ones, and then the peak average (which jumps on a slow answer) and the smoothed
+/// one must agree, so one slow answer does not cost an endpoint its share; otherwise both
+/// are compared on probes, so an endpoint that only gets probes is neither punished nor
+/// favoured for it. In-flight counts are exact and count in both.
+fn clearly_cheaper(b: &EndpointEntry, a: &EndpointEntry, margin: f64) -> bool {
+    let (la, lb) = (load(a), load(b));
+    let (sa, sb) = (&a.state, &b.state);
+    match (sa.latency.get_us(), sb.latency.get_us()) {
+        (Some(pa), Some(pb)) => {
+            pb * lb * margin < pa * la && {
+                let ma = sa.smoothed.get_us().unwrap_or(pa);
+                let mb = sb.smoothed.get_us().unwrap_or(pb);
+                mb * lb * margin < ma * la
+            }
+        }
+        _ => match (sa.probe_latency.get_us(), sb.probe_latency.get_us()) {
+            (Some(pa), Some(pb)) => pb * lb * margin < pa * la,
+            _ => lb * margin < la,
+        },
+    }
 }

@@ -63,8 +63,15 @@ impl<const PEAK: bool> Average<PEAK> {
         (w != 0 && est > 0.0).then_some(est as f64)
     }
 
-    /// Forgets every sample (tests and benches that script latencies).
-    pub fn reset_for_test(&self) {
+    /// Milliseconds since the last sample, `None` before the first.
+    pub fn age_ms(&self) -> Option<u64> {
+        let w = self.word.load(Ordering::Relaxed);
+        (w != 0).then(|| (now_ms() as u32).wrapping_sub(w as u32) as u64)
+    }
+
+    /// Forgets every sample (tests and benches that script latencies, and estimates gone
+    /// stale).
+    pub fn reset(&self) {
         self.word.store(0, Ordering::Relaxed);
     }
 
