@@ -290,7 +290,7 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         cross_region_margin: v.duration(
             "routing.cross_region_margin",
             rr.cross_region_margin.as_ref(),
-            Duration::from_millis(2),
+            Duration::from_millis(1),
         )?,
         latency_decay: v.positive_duration(
             "routing.latency_decay",

@@ -20,6 +20,7 @@ use tracing::warn;
 use crate::control::Table;
 use crate::ops::router::Router;
 use crate::routing::rank::{required_lead_ms, zone_estimate_of, ZoneKey};
+use crate::routing::ZoneTable;
 use crate::state::Estimate;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
@@ -203,7 +204,7 @@ struct ZoneJson<'a> {
     region: &'a str,
     zone: &'a str,
     rank: usize,
-    /// The zone's probe estimate (median round trip), live.
+    /// The zone's probe estimate (lower quartile of the round trips), live.
     latency_ms: Option<f64>,
     /// Half-width of the estimate's confidence interval.
     uncertainty_ms: Option<f64>,
@@ -266,13 +267,19 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
             .map(|c| {
                 // Live, not the snapshot taken when the table was built (a table is only
                 // swapped when it routes differently).
-                let est: Vec<Option<Estimate>> = c
-                    .zones
+                // The table's order, except that a zone whose last endpoint went down since
+                // the table was built is shown after the living ones already (the next
+                // table, milliseconds away, puts it there too).
+                let mut order: Vec<usize> = (0..c.zones.len()).collect();
+                order
+                    .sort_by_key(|&i| !c.zones[i].endpoints.iter().any(|e| e.state.is_available()));
+                let zones: Vec<&ZoneTable> = order.iter().map(|&i| &c.zones[i]).collect();
+                let est: Vec<Option<Estimate>> = zones
                     .iter()
                     .map(|z| zone_estimate_of(z.endpoints.iter(), routing))
                     .collect();
                 let key =
-                    |i: usize| -> ZoneKey { (c.zones[i].region.clone(), c.zones[i].zone.clone()) };
+                    |i: usize| -> ZoneKey { (zones[i].region.clone(), zones[i].zone.clone()) };
                 ClusterJson {
                     name: &c.name,
                     panic: c.panic,
@@ -283,14 +290,13 @@ fn routes_json(t: &Table) -> RoutesJson<'_> {
                         ),
                         rank_hold_ms: round3(routing.rank_hold.as_secs_f64() * 1e3),
                     },
-                    zones: c
-                        .zones
+                    zones: zones
                         .iter()
                         .enumerate()
                         .map(|(i, z)| ZoneJson {
                             region: &z.region,
                             zone: &z.zone,
-                            rank: z.rank,
+                            rank: i,
                             latency_ms: est[i].map(|e| round3(e.ms)),
                             uncertainty_ms: est[i].map(|e| round3(e.uncertainty_ms)),
                             samples: est[i].map_or(0, |e| e.samples),

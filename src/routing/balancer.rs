@@ -263,25 +263,36 @@ fn cost(e: &EndpointEntry) -> f64 {
 }
 
 /// Is `b` cheaper than `a` (latency x (in-flight + 1)) by more than `margin`, comparing
-/// like with like? Real requests are compared with real requests when both endpoints have
-/// recent ones, and then the peak average (which jumps on a slow answer) and the smoothed
-/// one must agree, so one slow answer does not cost an endpoint its share; otherwise both
-/// are compared on probes, so an endpoint that only gets probes is neither punished nor
-/// favoured for it. In-flight counts are exact and count in both.
+/// like with like and only on differences that are real?
+///
+/// - Latency counts only when both endpoints have recent real requests. An endpoint without
+///   them (it only gets probes) is taken as alike in latency: neither punished nor favoured
+///   for being idle; its first requests tell.
+/// - When latency and load agree, that is the answer (the common case, and cheap).
+/// - When they disagree, latency wins only if the peak and the smoothed averages both say
+///   so and the smoothed gap exceeds the spread of single answers (their standard
+///   deviations together): one slow answer, or a jittery backend, does not cost an endpoint
+///   its share. Otherwise the in-flight counts, which are exact, decide.
 fn clearly_cheaper(b: &EndpointEntry, a: &EndpointEntry, margin: f64) -> bool {
     let (la, lb) = (load(a), load(b));
+    let load_says = lb * margin < la;
     let (sa, sb) = (&a.state, &b.state);
-    match (sa.latency.get_us(), sb.latency.get_us()) {
-        (Some(pa), Some(pb)) => {
-            pb * lb * margin < pa * la && {
-                let ma = sa.smoothed.get_us().unwrap_or(pa);
-                let mb = sb.smoothed.get_us().unwrap_or(pb);
-                mb * lb * margin < ma * la
-            }
-        }
-        _ => match (sa.probe_latency.get_us(), sb.probe_latency.get_us()) {
-            (Some(pa), Some(pb)) => pb * lb * margin < pa * la,
-            _ => lb * margin < la,
-        },
+    let (Some(pa), Some(pb)) = (sa.latency.get_us(), sb.latency.get_us()) else {
+        return load_says;
+    };
+    let cost_says = pb * lb * margin < pa * la;
+    if cost_says == load_says {
+        return cost_says;
+    }
+    let (Some(ma), Some(mb)) = (sa.smoothed.get_us(), sb.smoothed.get_us()) else {
+        return load_says;
+    };
+    let spread =
+        sa.request_variance_us2().unwrap_or(0.0) + sb.request_variance_us2().unwrap_or(0.0);
+    let real = (ma - mb) * (ma - mb) > spread && (mb * lb * margin < ma * la) == cost_says;
+    if real {
+        cost_says
+    } else {
+        load_says
     }
 }

@@ -757,19 +757,19 @@ cluster = "api"
 
     #[test]
     fn another_region_needs_the_cross_region_margin() {
-        let f = Fixture::new(&[("r1", "a", 1, 5.0), ("r2", "c", 1, 3.0)]);
+        let f = Fixture::new(&[("r1", "a", 1, 5.0), ("r2", "c", 1, 4.0)]);
         let mut b = TableBuilder::new();
         let t0 = Instant::now();
-        // 2 ms faster: not more than 10% + the 2 ms default margin.
+        // 1 ms faster: not more than 10% + the 1 ms default margin.
         let cfg = config("");
         f.build(&mut b, &cfg, t0);
         assert_eq!(
             order(&f.build(&mut b, &cfg, t0 + Duration::from_secs(2))),
             ["a", "c"]
         );
-        // With a 1 ms margin it is clearly faster.
+        // Without the margin it is clearly faster.
         let mut cfg1 = config("");
-        cfg1.routing.cross_region_margin = Duration::from_millis(1);
+        cfg1.routing.cross_region_margin = Duration::ZERO;
         f.build(&mut b, &cfg1, t0 + Duration::from_secs(3));
         assert_eq!(
             order(&f.build(&mut b, &cfg1, t0 + Duration::from_secs(4))),
@@ -797,8 +797,14 @@ cluster = "api"
             order(&f.build(&mut b, &cfg, t0 + Duration::from_millis(400))),
             ["b", "a"]
         );
-        // One fast probe among slow ones changes nothing.
-        for _ in 0..6 {
+        // One fast probe among slow ones changes nothing, early in the slow spell or late.
+        f.probe("a", 150.0);
+        f.probe("a", 3.0);
+        for k in 0..10 {
+            let t = f.build(&mut b, &cfg, t0 + Duration::from_millis(500 + 30 * k));
+            assert_eq!(order(&t), ["b", "a"]);
+        }
+        for _ in 0..14 {
             f.probe("a", 150.0);
         }
         f.probe("a", 3.0);

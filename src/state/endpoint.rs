@@ -52,6 +52,8 @@ pub struct EndpointState {
     pub latency: PeakEwma,
     /// Real requests only, symmetric: confirms the peak before the in-zone pick acts on it.
     pub smoothed: Ewma,
+    /// Real requests only: the smoothed square (us^2), for the spread of single answers.
+    pub smoothed_sq: Ewma,
     /// Probes only, symmetric: the reported latency, and the in-zone pick's comparison when
     /// an endpoint has no recent request to compare.
     pub probe_latency: Ewma,
@@ -91,6 +93,7 @@ impl EndpointState {
             status: AtomicU8::new(Status::Unknown as u8),
             latency: PeakEwma::default(),
             smoothed: Ewma::default(),
+            smoothed_sq: Ewma::default(),
             probe_latency: Ewma::default(),
             probes: ProbeWindow::default(),
             in_flight: AtomicU32::new(0),
@@ -157,6 +160,15 @@ impl EndpointState {
     pub fn observe(&self, sample: Duration, decay: Decay) {
         self.latency.observe(sample, decay.peak);
         self.smoothed.observe(sample, decay.smooth);
+        let us = sample.as_secs_f64() * 1e6;
+        self.smoothed_sq.observe_value(us * us, decay.smooth);
+    }
+
+    /// Variance of single request latencies (us^2) from the smoothed averages.
+    pub fn request_variance_us2(&self) -> Option<f64> {
+        let m = self.smoothed.get_us()?;
+        let sq = self.smoothed_sq.get_us()?;
+        Some((sq - m * m).max(0.0))
     }
 
     /// One probe round trip (or a probe's timeout, a lower bound).
@@ -173,6 +185,7 @@ impl EndpointState {
         if self.latency.age_ms().is_some_and(|a| a > max) {
             self.latency.reset();
             self.smoothed.reset();
+            self.smoothed_sq.reset();
         }
     }
 
@@ -318,6 +331,7 @@ impl EndpointState {
             .store(old.status.load(Ordering::Relaxed), Ordering::Relaxed);
         self.latency.copy_from(&old.latency);
         self.smoothed.copy_from(&old.smoothed);
+        self.smoothed_sq.copy_from(&old.smoothed_sq);
         self.probe_latency.copy_from(&old.probe_latency);
         self.probes.copy_from(&old.probes);
         self.requests

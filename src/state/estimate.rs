@@ -1,5 +1,5 @@
 //! Zone latency estimates that carry their own noise: the last few probe round trips of
-//! each endpoint, and from them a zone's median with an uncertainty, so the ranking can
+//! each endpoint, and from them a zone's lower quartile with an uncertainty, so the ranking can
 //! tell a real difference from jitter.
 //!
 //! Only probes feed these windows. Every zone is probed alike (same interval, same request,
@@ -10,17 +10,28 @@ use std::sync::Mutex;
 
 use crate::clock::now_ms;
 
-/// Probe round trips kept per endpoint. Eight at the default 1 s interval is 8 s of history;
-/// fewer would let two outliers move the median, more would slow a real shift down.
-pub const WINDOW: usize = 8;
+/// Probe round trips kept per endpoint: 16 s of history at the default 1 s interval, 3.2 s
+/// at 200 ms. A real shift does not wait for the window (see [`zone_estimate`]).
+pub const WINDOW: usize = 16;
+/// The quantile that stands for a zone's distance. Queueing, scheduling stalls and a busy
+/// backend only ever add time to a round trip, so the low part of the distribution is
+/// what the network path costs; the lower quartile keeps most of that while a few lucky
+/// probes cannot drag it down as they would the minimum.
+const QUANTILE: f64 = 0.25;
+/// Standard error of that quantile, per standard deviation over sqrt(n), for a normal
+/// distribution: sqrt(p (1 - p)) / pdf(z_p).
+const QUANTILE_SE: f64 = 1.3625;
 /// A zone estimate from fewer samples than this is too uncertain to win anything.
 pub const MIN_SAMPLES: usize = 3;
-/// The newest probes of each endpoint that can, all together, signal a shift.
+/// A shift: of each endpoint's newest [`SHIFT_OF`] probes, at least [`SHIFT_SAMPLES`] lie
+/// beyond the noise on the same side (two in a row signal it; one contrary probe inside a
+/// shift does not end it).
+const SHIFT_OF: usize = 3;
 const SHIFT_SAMPLES: usize = 2;
-/// How far (in noise widths) every newest sample must lie from the median to count as a
+/// How far (in noise widths) every newest sample must lie from the estimate to count as a
 /// shift rather than jitter.
 const SHIFT_SIGMAS: f64 = 3.0;
-/// The uncertainty is this many standard errors of the median (about 95% two-sided).
+/// The uncertainty is this many standard errors of the quantile (about 95% two-sided).
 const CONFIDENCE: f64 = 2.0;
 /// Noise below this is clock resolution, not a measurement (ms).
 const NOISE_FLOOR_MS: f64 = 0.05;
@@ -79,54 +90,54 @@ impl ProbeWindow {
 /// A zone's latency with its noise.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Estimate {
-    /// Median probe round trip, ms.
+    /// Lower quartile of the probe round trips, ms.
     pub ms: f64,
     /// Half-width of the estimate's confidence interval, ms: differences smaller than the
     /// two zones' uncertainties together are not taken as real.
     pub uncertainty_ms: f64,
-    /// Spread of single samples (robust standard deviation from the MAD), ms.
+    /// Spread of single samples (robust standard deviation from the interquartile range), ms.
     pub noise_ms: f64,
     /// Samples the estimate stands on.
     pub samples: usize,
-    /// The newest samples of every endpoint all moved away from the median: the zone has
+    /// The newest samples of every endpoint all moved away from the estimate: the zone has
     /// shifted, and the estimate follows the newest samples rather than the window.
     pub shifted: bool,
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+/// The `p` quantile of sorted samples, interpolated.
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    let pos = p * (sorted.len() - 1) as f64;
+    let (i, frac) = (pos.floor() as usize, pos.fract());
+    match sorted.get(i + 1) {
+        Some(next) => sorted[i] + (next - sorted[i]) * frac,
+        None => sorted[i],
     }
 }
 
 /// The estimate of a zone from its endpoints' windows (each oldest first); `None` without
-/// a sample. `rel_floor` is the smallest difference (relative to the median) that a shift
+/// a sample. `rel_floor` is the smallest difference (relative to the estimate) that a shift
 /// must also exceed: the ranking's hysteresis, so a shift is never smaller than a move.
 ///
-/// The estimate is the median of every sample in the windows, with the median absolute
-/// deviation as the noise: one slow or fast probe moves neither. A real step shows as the
-/// newest [`SHIFT_SAMPLES`] samples of every endpoint all lying more than
-/// [`SHIFT_SIGMAS`] noise widths on the same side; then the estimate is their median, so a
-/// zone that gets slow, or fast again, is followed within two probe intervals instead of
-/// half a window.
+/// The estimate is the lower quartile of every sample in the windows, with the
+/// interquartile range as the noise: one slow or fast probe moves neither. A real step shows
+/// as at least [`SHIFT_SAMPLES`] of the newest [`SHIFT_OF`] samples of every endpoint lying
+/// more than [`SHIFT_SIGMAS`] noise widths on the same side; then the estimate is the lowest
+/// of those, so a zone that gets slow, or fast again, is followed within two probe intervals
+/// instead of a quarter of a window, and one contrary probe neither starts nor ends that.
 pub fn zone_estimate<'a>(
     windows: impl Iterator<Item = &'a [f64]>,
     rel_floor: f64,
 ) -> Option<Estimate> {
     let mut all: Vec<f64> = Vec::with_capacity(WINDOW * 2);
-    let mut newest: Vec<f64> = Vec::new();
+    let mut newest: Vec<&[f64]> = Vec::new();
     let mut complete = true;
     for w in windows {
         if w.is_empty() {
             continue;
         }
         all.extend_from_slice(w);
-        if w.len() >= SHIFT_SAMPLES + 1 {
-            newest.extend_from_slice(&w[w.len() - SHIFT_SAMPLES..]);
+        if w.len() > SHIFT_OF {
+            newest.push(&w[w.len() - SHIFT_OF..]);
         } else {
             complete = false;
         }
@@ -135,10 +146,11 @@ pub fn zone_estimate<'a>(
         return None;
     }
     let n = all.len();
-    let m = median(&mut all);
-    let mut dev: Vec<f64> = all.iter().map(|x| (x - m).abs()).collect();
-    let noise = (1.4826 * median(&mut dev)).max(NOISE_FLOOR_MS);
-    let se = |k: usize| CONFIDENCE * 1.2533 * noise / (k as f64).sqrt();
+    all.sort_by(|a, b| a.total_cmp(b));
+    let m = quantile(&all, QUANTILE);
+    let iqr = quantile(&all, 0.75) - m;
+    let noise = (iqr / 1.349).max(NOISE_FLOOR_MS);
+    let se = |k: usize| CONFIDENCE * QUANTILE_SE * noise / (k as f64).sqrt();
     if n < MIN_SAMPLES {
         return Some(Estimate {
             ms: m,
@@ -150,12 +162,30 @@ pub fn zone_estimate<'a>(
         });
     }
     let gap = SHIFT_SIGMAS * noise + rel_floor * m;
-    let shifted = complete
-        && !newest.is_empty()
-        && (newest.iter().all(|x| *x > m + gap) || newest.iter().all(|x| *x < m - gap));
-    if shifted {
-        let k = newest.len();
-        let ms = median(&mut newest);
+    // The samples beyond the noise on one side, if every endpoint has enough of them.
+    let beyond = |up: bool| -> Option<Vec<f64>> {
+        let mut out = Vec::new();
+        for w in &newest {
+            let far: Vec<f64> = w
+                .iter()
+                .copied()
+                .filter(|x| if up { *x > m + gap } else { *x < m - gap })
+                .collect();
+            if far.len() < SHIFT_SAMPLES {
+                return None;
+            }
+            out.extend(far);
+        }
+        Some(out)
+    };
+    let shift = if complete && !newest.is_empty() {
+        beyond(true).or_else(|| beyond(false))
+    } else {
+        None
+    };
+    if let Some(far) = shift {
+        let k = far.len();
+        let ms = far.iter().copied().fold(f64::INFINITY, f64::min);
         return Some(Estimate {
             ms,
             uncertainty_ms: se(k),
@@ -194,7 +224,7 @@ mod tests {
     }
 
     #[test]
-    fn one_outlier_moves_neither_the_median_nor_the_noise_much() {
+    fn one_outlier_moves_neither_the_estimate_nor_the_noise_much() {
         let calm = est(&[vec![3.0, 3.2, 2.9, 3.1, 3.0, 3.3, 2.8, 3.1]]);
         let spiky = est(&[vec![3.0, 3.2, 2.9, 3.1, 3.0, 3.3, 2.8, 150.0]]);
         assert!((calm.ms - spiky.ms).abs() < 0.1, "{calm:?} {spiky:?}");
@@ -208,9 +238,12 @@ mod tests {
         assert!(slow.shifted && slow.ms > 150.0, "{slow:?}");
         let back = est(&[vec![153.0, 150.0, 152.0, 151.0, 153.0, 152.0, 3.1, 2.9]]);
         assert!(back.shifted && back.ms < 3.5, "{back:?}");
-        // One fast probe among slow ones is not a shift.
+        // One fast probe among slow ones is not a shift...
         let one = est(&[vec![153.0, 150.0, 152.0, 151.0, 153.0, 152.0, 151.0, 3.0]]);
         assert!(!one.shifted && one.ms > 150.0, "{one:?}");
+        // ...nor does it end one.
+        let inside = est(&[vec![3.0, 3.2, 2.9, 3.1, 3.0, 3.3, 3.0, 153.0, 151.0, 3.0]]);
+        assert!(inside.shifted && inside.ms > 150.0, "{inside:?}");
         // Every endpoint must agree: one slow endpoint of two is not the zone shifting.
         let half = est(&[
             vec![3.0, 3.2, 2.9, 3.1, 3.0, 3.3, 153.0, 151.0],
