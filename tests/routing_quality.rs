@@ -99,7 +99,7 @@ async fn wait_full_windows(r: &TestRouter) {
         let routes = r.routes().await;
         routes["clusters"][0]["zones"]
             .as_array()
-            .is_some_and(|zs| zs.iter().all(|z| z["samples"].as_u64().unwrap_or(0) >= 8))
+            .is_some_and(|zs| zs.iter().all(|z| z["samples"].as_u64().unwrap_or(0) >= 16))
     })
     .await;
 }
@@ -137,7 +137,11 @@ async fn watch_rank0(r: &TestRouter, d: Duration) -> Vec<String> {
     let mut seen = Vec::new();
     let until = Instant::now() + d;
     while Instant::now() < until {
-        seen.push(rank0(&r.routes().await));
+        let routes = r.routes().await;
+        if std::env::var("RQ_DEBUG").is_ok() {
+            eprintln!("  {}", zone_lines(&routes));
+        }
+        seen.push(rank0(&routes));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     seen

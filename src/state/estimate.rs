@@ -10,9 +10,10 @@ use std::sync::Mutex;
 
 use crate::clock::now_ms;
 
-/// Probe round trips kept per endpoint: 16 s of history at the default 1 s interval, 3.2 s
-/// at 200 ms. A real shift does not wait for the window (see [`zone_estimate`]).
-pub const WINDOW: usize = 16;
+/// Probe round trips kept per endpoint: 32 s of history at the default 1 s interval, 6.4 s
+/// at 200 ms. More samples narrow the uncertainty (by their square root); a real shift does
+/// not wait for the window (see [`zone_estimate`]).
+pub const WINDOW: usize = 32;
 /// The quantile that stands for a zone's distance. Queueing, scheduling stalls and a busy
 /// backend only ever add time to a round trip, so the low part of the distribution is
 /// what the network path costs; the lower quartile keeps most of that while a few lucky
@@ -95,7 +96,7 @@ pub struct Estimate {
     /// Half-width of the estimate's confidence interval, ms: differences smaller than the
     /// two zones' uncertainties together are not taken as real.
     pub uncertainty_ms: f64,
-    /// Spread of single samples (robust standard deviation from the interquartile range), ms.
+    /// Spread of single samples (robust standard deviation from consecutive differences), ms.
     pub noise_ms: f64,
     /// Samples the estimate stands on.
     pub samples: usize,
@@ -118,8 +119,8 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
 /// a sample. `rel_floor` is the smallest difference (relative to the estimate) that a shift
 /// must also exceed: the ranking's hysteresis, so a shift is never smaller than a move.
 ///
-/// The estimate is the lower quartile of every sample in the windows, with the
-/// interquartile range as the noise: one slow or fast probe moves neither. A real step shows
+/// The estimate is the lower quartile of every sample in the windows, with the noise from
+/// the median difference of consecutive samples: one slow or fast probe moves neither. A real step shows
 /// as at least [`SHIFT_SAMPLES`] of the newest [`SHIFT_OF`] samples of every endpoint lying
 /// more than [`SHIFT_SIGMAS`] noise widths on the same side; then the estimate is the lowest
 /// of those, so a zone that gets slow, or fast again, is followed within two probe intervals
@@ -129,6 +130,7 @@ pub fn zone_estimate<'a>(
     rel_floor: f64,
 ) -> Option<Estimate> {
     let mut all: Vec<f64> = Vec::with_capacity(WINDOW * 2);
+    let mut steps: Vec<f64> = Vec::with_capacity(WINDOW * 2);
     let mut newest: Vec<&[f64]> = Vec::new();
     let mut complete = true;
     for w in windows {
@@ -136,6 +138,7 @@ pub fn zone_estimate<'a>(
             continue;
         }
         all.extend_from_slice(w);
+        steps.extend(w.windows(2).map(|p| (p[1] - p[0]).abs()));
         if w.len() > SHIFT_OF {
             newest.push(&w[w.len() - SHIFT_OF..]);
         } else {
@@ -148,8 +151,16 @@ pub fn zone_estimate<'a>(
     let n = all.len();
     all.sort_by(|a, b| a.total_cmp(b));
     let m = quantile(&all, QUANTILE);
-    let iqr = quantile(&all, 0.75) - m;
-    let noise = (iqr / 1.349).max(NOISE_FLOOR_MS);
+    // The noise from the differences of consecutive samples (their median, scaled to a
+    // standard deviation): a level shift inside the window is one large difference among
+    // small ones, so it does not pass for noise and hide itself, as it would in the spread
+    // of the samples.
+    steps.sort_by(|a, b| a.total_cmp(b));
+    let noise = if steps.is_empty() {
+        NOISE_FLOOR_MS
+    } else {
+        (1.4826 * quantile(&steps, 0.5) / std::f64::consts::SQRT_2).max(NOISE_FLOOR_MS)
+    };
     let se = |k: usize| CONFIDENCE * QUANTILE_SE * noise / (k as f64).sqrt();
     if n < MIN_SAMPLES {
         return Some(Estimate {
@@ -241,6 +252,11 @@ mod tests {
         // One fast probe among slow ones is not a shift...
         let one = est(&[vec![153.0, 150.0, 152.0, 151.0, 153.0, 152.0, 151.0, 3.0]]);
         assert!(!one.shifted && one.ms > 150.0, "{one:?}");
+        // A window half fast, half slow is a shift still under way, not noise.
+        let mut mid = vec![3.0, 3.2, 2.9, 3.1, 3.0, 3.3, 3.0, 3.1];
+        mid.extend([150.0, 152.0, 151.0, 153.0, 150.0, 152.0, 3.0, 151.0]);
+        let mid = est(&[mid]);
+        assert!(mid.shifted && mid.ms > 150.0, "{mid:?}");
         // ...nor does it end one.
         let inside = est(&[vec![3.0, 3.2, 2.9, 3.1, 3.0, 3.3, 3.0, 153.0, 151.0, 3.0]]);
         assert!(inside.shifted && inside.ms > 150.0, "{inside:?}");
