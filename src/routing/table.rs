@@ -786,8 +786,9 @@ cluster = "api"
         let mut b = TableBuilder::new();
         let t0 = Instant::now();
         assert_eq!(order(&f.build(&mut b, &cfg, t0)), ["a", "b"]);
-        // a gets slow: two slow probes of each endpoint are a shift, twice as slow: at once.
+        // a gets slow: three slow probes of each endpoint are a shift, twice as slow: at once.
         f.probe("a", 150.0);
+        f.probe("a", 152.0);
         assert_eq!(
             order(&f.build(&mut b, &cfg, t0 + Duration::from_millis(200))),
             ["a", "b"]
@@ -804,7 +805,7 @@ cluster = "api"
             let t = f.build(&mut b, &cfg, t0 + Duration::from_millis(500 + 30 * k));
             assert_eq!(order(&t), ["b", "a"]);
         }
-        for _ in 0..14 {
+        for _ in 0..30 {
             f.probe("a", 150.0);
         }
         f.probe("a", 3.0);
