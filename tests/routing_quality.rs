@@ -212,11 +212,27 @@ async fn equal_zones_keep_the_local_zone_first_idle_and_under_traffic() {
 async fn a_truly_faster_remote_zone_takes_the_traffic_within_2s() {
     let _serial = SERIAL.lock().await;
     let (b, r) = three_jittered_zones().await;
-    assert_eq!(rank0(&r.routes().await), LOCAL);
-    // The local region gets 6 ms slower: eu-west-1a is now faster by far more than the
-    // noise and the cross-region margin.
-    b[0].ctl.set_delay(8);
-    b[1].ctl.set_delay(8);
+    let routes = r.routes().await;
+    assert_eq!(rank0(&routes), LOCAL);
+    // The local region gets 6 ms slower (8 ms + jitter against eu-west-1a's 2 ms + jitter):
+    // faster by far more than the jitter's noise and the cross-region margin. On a host so
+    // loaded that the measured noise itself is several ms, 6 ms is not "far more", and the
+    // ranking is right to wait; there the gap grows with the measured uncertainty, so the
+    // test still checks that a clear difference moves traffic, and says so.
+    let u_max = routes["clusters"][0]["zones"]
+        .as_array()
+        .map(|zs| {
+            zs.iter()
+                .filter_map(|z| z["uncertainty_ms"].as_f64())
+                .fold(0.0, f64::max)
+        })
+        .unwrap_or(0.0);
+    let gap = 6u64.max((4.5 * u_max + 3.0).ceil() as u64);
+    eprintln!(
+        "uncertainty before the change: up to {u_max:.2} ms; local region made {gap} ms slower"
+    );
+    b[0].ctl.set_delay(2 + gap);
+    b[1].ctl.set_delay(2 + gap);
     let t0 = Instant::now();
     wait_until("traffic in eu-west-1a", Duration::from_secs(5), || async {
         get(&r.url("/")).await.zone() == REMOTE
@@ -225,7 +241,7 @@ async fn a_truly_faster_remote_zone_takes_the_traffic_within_2s() {
     let took = t0.elapsed();
     let routes = r.routes().await;
     eprintln!(
-        "remote zone 6 ms faster: traffic moved in {took:?}; {}",
+        "remote zone {gap} ms faster: traffic moved in {took:?}; {}",
         zone_lines(&routes)
     );
     assert!(took <= Duration::from_secs(2), "took {took:?}");
