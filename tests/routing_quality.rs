@@ -427,7 +427,7 @@ async fn a_slow_zone_loses_traffic_within_1s_and_gets_it_back_within_2s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_with_every_endpoint_down_is_never_rank_0() {
     let _serial = SERIAL.lock().await;
-    let b = vec![
+    let b = [
         Backend::start_jittered("a1", 1, 1).await,
         Backend::start_jittered("a2", 1, 1).await,
         Backend::start_jittered("c", 30, 1).await,

@@ -141,10 +141,8 @@ impl Ranker {
         }
 
         let same_zones = prev.len() == keys.len() && keys.iter().all(|k| prev.contains(k));
-        let held = if !same_zones || prev == desired {
-            self.pending.remove(cluster);
-            desired
-        } else if self.urgent(&prev, &desired, est) {
+        let at_once = !same_zones || prev == desired || self.urgent(&prev, &desired, est);
+        let held = if at_once {
             self.pending.remove(cluster);
             desired
         } else {
