@@ -118,10 +118,15 @@ pub struct Locality {
 /// Knobs of the routing table builder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutingConfig {
-    /// A zone must be this much faster (relative) than the zone ranked ahead of it to pass it.
+    /// A zone must be this much faster (relative) than the zone ranked ahead of it, beyond
+    /// both zones' uncertainties, to pass it.
     pub hysteresis: f64,
-    /// ...and stay faster for this long, unless it is at least twice as fast.
+    /// ...and the new order must stand for this long, unless the new nearest zone is at
+    /// least twice as fast as the old one.
     pub rank_hold: Duration,
+    /// What a zone of another region must be faster by, on top of the rest, to pass a zone
+    /// of this router's region: the latency given up to stay in-region.
+    pub cross_region_margin: Duration,
     /// Time constant of the peak-sensitive latency average (in-zone pick) after a peak.
     pub latency_decay: Duration,
     /// Time constant of the smoothed latency average that ranks zones.

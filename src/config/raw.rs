@@ -69,6 +69,7 @@ pub struct Locality {
 pub struct Routing {
     pub hysteresis_percent: Option<f64>,
     pub rank_hold: Option<String>,
+    pub cross_region_margin: Option<String>,
     pub latency_decay: Option<String>,
     pub rank_decay: Option<String>,
 }

@@ -122,3 +122,20 @@ fn dns_keys() {
     let e = parse_err(&text.replace("127.0.0.1:5353", "127.0.0.1"));
     assert!(e.contains("missing port"), "{e}");
 }
+
+#[test]
+fn routing_margins() {
+    let c = parse("edge.toml", GOOD, &no_env).expect("valid");
+    assert_eq!(c.routing.cross_region_margin, Duration::from_millis(1));
+    assert_eq!(c.routing.rank_hold, Duration::from_millis(500));
+    let text = format!("{GOOD}\n[routing]\ncross_region_margin = \"15ms\"\n");
+    let c = parse("edge.toml", &text, &no_env).expect("valid");
+    assert_eq!(c.routing.cross_region_margin, Duration::from_millis(15));
+    let e = parse_err(&format!(
+        "{GOOD}\n[routing]\ncross_region_margin = \"lots\"\n"
+    ));
+    assert!(
+        e.contains("edge.toml") && e.contains("routing.cross_region_margin"),
+        "{e}"
+    );
+}

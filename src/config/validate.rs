@@ -285,7 +285,12 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         rank_hold: v.duration(
             "routing.rank_hold",
             rr.rank_hold.as_ref(),
-            Duration::from_secs(1),
+            Duration::from_millis(500),
+        )?,
+        cross_region_margin: v.duration(
+            "routing.cross_region_margin",
+            rr.cross_region_margin.as_ref(),
+            Duration::from_millis(1),
         )?,
         latency_decay: v.positive_duration(
             "routing.latency_decay",

@@ -236,7 +236,7 @@ async fn probe_loop(
         }
         let (ok, detail) = match result {
             Ok(()) => {
-                ep.observe(rtt, decay);
+                ep.observe_probe(rtt, decay);
                 ep.metrics.probe_ok.inc();
                 (
                     true,
@@ -245,7 +245,7 @@ async fn probe_loop(
             }
             Err(ProbeError::Timeout) => {
                 // A probe that times out says the endpoint is at least this slow.
-                ep.observe(hc.timeout, decay);
+                ep.observe_probe(hc.timeout, decay);
                 ep.metrics.probe_fail.inc();
                 (false, format!("probe timed out after {:?}", hc.timeout))
             }
@@ -255,6 +255,7 @@ async fn probe_loop(
             }
         };
         ep.on_probe(ok, &hc, &mut counters, &detail);
+        ep.forget_stale_requests(decay.peak);
         if let Some(ms) = ep.latency_ms() {
             ep.metrics.latency.set(ms / 1e3);
         }

@@ -20,7 +20,9 @@ use tracing::warn;
 
 use crate::control::Table;
 use crate::ops::router::Router;
-use crate::routing::table::zone_latency_ms;
+use crate::routing::rank::{required_lead_ms, zone_estimate_of, ZoneKey};
+use crate::routing::ZoneTable;
+use crate::state::Estimate;
 use crate::telemetry::Severity;
 
 const DASHBOARD: &str = include_str!("admin/dashboard.html");
@@ -231,6 +233,8 @@ struct ClusterJson<'a> {
     name: &'a str,
     panic: bool,
     rps: Option<f64>,
+    /// The ranking's margins in force.
+    ranking: RankingJson,
     zones: Vec<ZoneJson<'a>>,
     endpoints: Vec<EndpointJson<'a>>,
     /// How traffic splits, in order: zone, share, why.
@@ -241,11 +245,29 @@ struct ClusterJson<'a> {
 }
 
 #[derive(Serialize)]
+struct RankingJson {
+    hysteresis_percent: f64,
+    cross_region_margin_ms: f64,
+    rank_hold_ms: f64,
+}
+
+#[derive(Serialize)]
 struct ZoneJson<'a> {
     region: &'a str,
     zone: &'a str,
     rank: usize,
+    /// The zone's probe estimate (lower quartile of the round trips), live.
     latency_ms: Option<f64>,
+    /// Half-width of the estimate's confidence interval.
+    uncertainty_ms: Option<f64>,
+    /// Probe round trips the estimate stands on.
+    samples: usize,
+    /// The newest probes of every endpoint moved away together: the estimate follows them.
+    shifted: bool,
+    /// How much faster than the zone ranked just ahead this one must be to pass it (both
+    /// uncertainties, hysteresis, and the cross-region margin when it applies); `null` at
+    /// rank 0 or without estimates.
+    overtake_margin_ms: Option<f64>,
     healthy: usize,
     endpoints: usize,
     share: f64,
@@ -261,8 +283,12 @@ struct EndpointJson<'a> {
     healthy: bool,
     status: &'static str,
     ejected: bool,
+    /// Smoothed probe round trip.
     latency_ms: Option<f64>,
+    /// Real requests' time to headers: peak-sensitive and smoothed (`null` without a
+    /// recent request).
     peak_latency_ms: Option<f64>,
+    request_latency_ms: Option<f64>,
     in_flight: u32,
     weight: u32,
     requests: u64,
@@ -289,20 +315,45 @@ fn sum_rates(it: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 }
 
 fn routes_json<'a>(t: &'a Table, rates: &Rates) -> RoutesJson<'a> {
+    let routing = &t.config.routing;
     let rate = |c: &Arc<str>, e: &Arc<str>| rates.get(&(c.clone(), e.clone())).copied();
     let clusters: Vec<ClusterJson<'a>> = t
         .clusters
         .iter()
         .map(|c| {
-            let zones: Vec<ZoneJson<'a>> = c
-                .zones
+            // Live, not the snapshot taken when the table was built (a table is only
+            // swapped when it routes differently).
+            // The table's order, except that a zone whose last endpoint went down since
+            // the table was built is shown after the living ones already (the next
+            // table, milliseconds away, puts it there too).
+            let mut order: Vec<usize> = (0..c.zones.len()).collect();
+            order.sort_by_key(|&i| !c.zones[i].endpoints.iter().any(|e| e.state.is_available()));
+            let zones: Vec<&ZoneTable> = order.iter().map(|&i| &c.zones[i]).collect();
+            let est: Vec<Option<Estimate>> = zones
                 .iter()
-                .map(|z| ZoneJson {
+                .map(|z| zone_estimate_of(z.endpoints.iter(), routing))
+                .collect();
+            let key = |i: usize| -> ZoneKey { (zones[i].region.clone(), zones[i].zone.clone()) };
+            let zones_json: Vec<ZoneJson<'a>> = zones
+                .iter()
+                .enumerate()
+                .map(|(i, z)| ZoneJson {
                     region: &z.region,
                     zone: &z.zone,
-                    rank: z.rank,
-                    // Live, not the snapshot taken when the table was built.
-                    latency_ms: zone_latency_ms(z.endpoints.iter()).map(round3),
+                    rank: i,
+                    latency_ms: est[i].map(|e| round3(e.ms)),
+                    uncertainty_ms: est[i].map(|e| round3(e.uncertainty_ms)),
+                    samples: est[i].map_or(0, |e| e.samples),
+                    shifted: est[i].is_some_and(|e| e.shifted),
+                    overtake_margin_ms: match (i.checked_sub(1).and_then(|p| est[p]), est[i]) {
+                        (Some(ahead), Some(me)) => Some(round3(required_lead_ms(
+                            (&key(i), &me),
+                            (&key(i - 1), &ahead),
+                            &t.config.locality,
+                            routing,
+                        ))),
+                        _ => None,
+                    },
                     healthy: z
                         .endpoints
                         .iter()
@@ -317,8 +368,13 @@ fn routes_json<'a>(t: &'a Table, rates: &Rates) -> RoutesJson<'a> {
             ClusterJson {
                 name: &c.name,
                 panic: c.panic,
-                rps: sum_rates(zones.iter().map(|z| z.rps)),
-                zones,
+                rps: sum_rates(zones_json.iter().map(|z| z.rps)),
+                ranking: RankingJson {
+                    hysteresis_percent: round3(routing.hysteresis * 100.0),
+                    cross_region_margin_ms: round3(routing.cross_region_margin.as_secs_f64() * 1e3),
+                    rank_hold_ms: round3(routing.rank_hold.as_secs_f64() * 1e3),
+                },
+                zones: zones_json,
                 endpoints: c
                     .zones
                     .iter()
@@ -332,6 +388,7 @@ fn routes_json<'a>(t: &'a Table, rates: &Rates) -> RoutesJson<'a> {
                         ejected: e.state.is_ejected(),
                         latency_ms: e.state.latency_ms().map(round3),
                         peak_latency_ms: e.state.peak_latency_ms().map(round3),
+                        request_latency_ms: e.state.request_latency_ms().map(round3),
                         in_flight: e.state.in_flight.load(Ordering::Relaxed),
                         weight: e.weight,
                         requests: e.state.requests.load(Ordering::Relaxed),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::control::{Control, Table};
-use crate::routing::table::zone_latency_ms;
+use crate::routing::rank::zone_estimate_of;
 use crate::telemetry::Metrics;
 
 /// One sample a second...
@@ -181,7 +181,8 @@ impl History {
                 zones.push(ZoneSample {
                     region: z.region.clone(),
                     zone: z.zone.clone(),
-                    latency_ms: zone_latency_ms(z.endpoints.iter()).map(|v| round(v, 0.01)),
+                    latency_ms: zone_estimate_of(z.endpoints.iter(), &table.config.routing)
+                        .map(|e| round(e.ms, 0.01)),
                     share: round(z.share, 0.001),
                     served_share: None,
                     rps: rps.map(|v| round(v, 0.01)),

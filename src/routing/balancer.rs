@@ -214,16 +214,14 @@ fn p2c<'t>(
     let (ea, eb) = (&zone.candidates[a], &zone.candidates[b]);
     let chosen = match (usable(ea), usable(eb)) {
         (true, true) => {
-            // With unequal weights the peak average alone would fight them: it is close to
-            // a recent maximum, so the endpoint that gets more requests (the heavier one)
-            // sees more peaks and looks slower. There the draw stands unless the smoothed
-            // average agrees that `b` is clearly cheaper (a sustained slowdown or load), by a
-            // margin wide enough that scheduler noise on a busy host does not undo weights.
-            let weighted = !zone.cum_weights.is_empty();
-            let margin = if weighted { 1.5 } else { 1.2 };
-            let clearly = cost(eb) * margin < cost(ea)
-                && (!weighted || smooth_cost(eb) * margin < smooth_cost(ea));
-            if clearly {
+            // With unequal weights the draw carries the weights, so the other candidate
+            // must be cheaper by a wider margin before it overrides the draw.
+            let margin = if zone.cum_weights.is_empty() {
+                1.2
+            } else {
+                1.5
+            };
+            if clearly_cheaper(eb, ea, margin) {
                 eb
             } else {
                 ea
@@ -254,16 +252,55 @@ fn draw(zone: &ZoneTable) -> usize {
     zone.cum_weights.partition_point(|&c| c <= r).min(n - 1)
 }
 
+fn load(e: &EndpointEntry) -> f64 {
+    e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0
+}
+
 fn cost(e: &EndpointEntry) -> f64 {
     // Before any sample an endpoint costs like a 30 ms one (linkerd's default RTT), so it
     // is tried but does not swallow traffic on hope.
-    let lat = e.state.latency.get_us().unwrap_or(30_000.0);
-    lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+    let s = &e.state;
+    let lat = s
+        .latency
+        .get_us()
+        .or_else(|| s.probe_latency.get_us())
+        .unwrap_or(30_000.0);
+    lat * load(e)
 }
 
-fn smooth_cost(e: &EndpointEntry) -> f64 {
-    let lat = e.state.smoothed.get_us().unwrap_or(30_000.0);
-    lat * (e.state.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+/// Is `b` cheaper than `a` (latency x (in-flight + 1)) by more than `margin`, comparing
+/// like with like and only on differences that are real?
+///
+/// - Latency counts only when both endpoints have recent real requests. An endpoint without
+///   them (it only gets probes) is taken as alike in latency: neither punished nor favoured
+///   for being idle; its first requests tell.
+/// - When latency and load agree, that is the answer (the common case, and cheap).
+/// - When they disagree, latency wins only if the peak and the smoothed averages both say
+///   so and the smoothed gap exceeds the spread of single answers (their standard
+///   deviations together): one slow answer, or a jittery backend, does not cost an endpoint
+///   its share. Otherwise the in-flight counts, which are exact, decide.
+fn clearly_cheaper(b: &EndpointEntry, a: &EndpointEntry, margin: f64) -> bool {
+    let (la, lb) = (load(a), load(b));
+    let load_says = lb * margin < la;
+    let (sa, sb) = (&a.state, &b.state);
+    let (Some(pa), Some(pb)) = (sa.latency.get_us(), sb.latency.get_us()) else {
+        return load_says;
+    };
+    let cost_says = pb * lb * margin < pa * la;
+    if cost_says == load_says {
+        return cost_says;
+    }
+    let (Some(ma), Some(mb)) = (sa.smoothed.get_us(), sb.smoothed.get_us()) else {
+        return load_says;
+    };
+    let spread =
+        sa.request_variance_us2().unwrap_or(0.0) + sb.request_variance_us2().unwrap_or(0.0);
+    let real = (ma - mb) * (ma - mb) > spread && (mb * lb * margin < ma * la) == cost_says;
+    if real {
+        cost_says
+    } else {
+        load_says
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! state, swapped in whole (arc-swap) so a request sees one consistent table.
 //!
 //! For each cluster the builder
-//! 1. ranks zones nearest first by latency, with hysteresis so near-equal zones do not flap;
+//! 1. ranks zones nearest first by their probe estimates, with noise, locality and a hold
+//!    time so zones equal within noise do not flap (see [`crate::routing::rank`]);
 //! 2. turns health into traffic shares down the ranking (Envoy's priority spillover with an
 //!    overprovisioning factor), then applies the regions' traffic dials;
 //! 3. writes the result as `slices`: contiguous ranges of [0, 1) mapped to a zone and the
@@ -13,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{ClusterConfig, Config, HostMatch, RoutingConfig};
-use crate::state::{ClusterShared, EndpointState};
+use crate::config::{ClusterConfig, Config, HostMatch};
+use crate::routing::rank::{zone_estimate_of, Ranker, ZoneKey};
+use crate::state::{ClusterShared, EndpointState, Estimate};
 use crate::telemetry::metrics::{ClusterMetrics, ZoneMetrics};
 
 /// Why a request went where it went (the `reason` of x-edge-route and of metrics).
@@ -116,7 +118,8 @@ pub struct ZoneTable {
     pub healthy: usize,
     pub share: f64,
     pub dial: u8,
-    pub latency_ms: Option<f64>,
+    /// The zone's probe estimate when the table was built (what ranked it).
+    pub estimate: Option<Estimate>,
     pub metrics: Arc<ZoneMetrics>,
     /// Time-to-headers statistics (hedge delay); outlives tables.
     pub stats: Arc<crate::state::zone_stats::ZoneStats>,
@@ -147,24 +150,6 @@ impl<C> RoutingTable<C> {
     }
 }
 
-/// The latency of a zone: the mean of its available endpoints' averages, or of all its
-/// measured endpoints when none is available (so a dead zone keeps its place in the ranking).
-pub fn zone_latency_ms<'a>(
-    endpoints: impl Iterator<Item = &'a EndpointEntry> + Clone,
-) -> Option<f64> {
-    let mean = |it: &mut dyn Iterator<Item = f64>| {
-        let (n, sum) = it.fold((0usize, 0.0), |(n, s), v| (n + 1, s + v));
-        (n > 0).then(|| sum / n as f64)
-    };
-    mean(
-        &mut endpoints
-            .clone()
-            .filter(|e| e.state.is_available())
-            .filter_map(|e| e.state.latency_ms()),
-    )
-    .or_else(|| mean(&mut endpoints.filter_map(|e| e.state.latency_ms())))
-}
-
 /// Input for one cluster.
 pub struct ClusterInput<C> {
     pub config: ClusterConfig,
@@ -172,14 +157,10 @@ pub struct ClusterInput<C> {
     pub endpoints: Vec<EndpointEntry>,
 }
 
-type ZoneKey = (Arc<str>, Arc<str>);
-
 /// Builds tables; remembers the last ranking of each cluster for hysteresis.
 #[derive(Default)]
 pub struct TableBuilder {
-    order: HashMap<String, Vec<ZoneKey>>,
-    /// (challenger, incumbent) -> since when the challenger has been clearly faster.
-    challenges: HashMap<(ZoneKey, ZoneKey), Instant>,
+    ranker: Ranker,
     /// Metric handles by (cluster, zone): resolving labels is most of a small rebuild's cost.
     zone_metrics: HashMap<(String, ZoneKey), Arc<ZoneMetrics>>,
 }
@@ -219,8 +200,8 @@ impl TableBuilder {
             .into_iter()
             .map(|input| self.build_cluster(&config, input, zone_metrics, now))
             .collect();
-        self.order
-            .retain(|name, _| config.clusters.iter().any(|c| &c.name == name));
+        self.ranker
+            .retain(&|name| config.clusters.iter().any(|c| c.name == name));
         RoutingTable {
             generation,
             built_at: now,
@@ -265,18 +246,23 @@ impl TableBuilder {
             last = i;
             grouped[i].push(e);
         }
-        let latency: HashMap<ZoneKey, Option<f64>> = keys
+        let estimates: HashMap<ZoneKey, Option<Estimate>> = keys
             .iter()
             .zip(&grouped)
-            .map(|(k, g)| (k.clone(), zone_latency_ms(g.iter())))
+            .map(|(k, g)| (k.clone(), zone_estimate_of(g.iter(), &config.routing)))
             .collect();
         let mut groups: HashMap<ZoneKey, Vec<EndpointEntry>> =
             keys.iter().cloned().zip(grouped).collect();
 
-        let order = self.rank(
+        let (order, dead_ahead) = self.ranker.rank(
             &cc.name,
             &keys,
-            &latency,
+            &estimates,
+            &|k| {
+                groups
+                    .get(k)
+                    .is_some_and(|g| g.iter().any(|e| e.weight > 0 && e.state.is_available()))
+            },
             &config.locality,
             &config.routing,
             now,
@@ -304,7 +290,7 @@ impl TableBuilder {
                     endpoints,
                     share: 0.0,
                     dial,
-                    latency_ms: latency.get(key).copied().flatten(),
+                    estimate: estimates.get(key).copied().flatten(),
                     metrics: self
                         .zone_metrics
                         .entry((cc.name.clone(), key.clone()))
@@ -347,7 +333,7 @@ impl TableBuilder {
                 None => Vec::new(),
             }
         } else {
-            distribute(&zones, &health, &cc)
+            distribute(&zones, &health, &cc, dead_ahead)
         };
         for s in slices.iter().enumerate() {
             let (i, slice) = s;
@@ -378,104 +364,6 @@ impl TableBuilder {
             panic,
         }
     }
-
-    /// Orders zones nearest first. The previous order stands unless a zone is faster than the
-    /// one ahead of it by more than the hysteresis margin, for `rank_hold` (or at once when it
-    /// is at least twice as fast). Unmeasured zones go last, by locality.
-    fn rank(
-        &mut self,
-        cluster: &str,
-        keys: &[ZoneKey],
-        latency: &HashMap<ZoneKey, Option<f64>>,
-        locality: &crate::config::Locality,
-        routing: &RoutingConfig,
-        now: Instant,
-    ) -> Vec<ZoneKey> {
-        let locality_rank = |k: &ZoneKey| -> u8 {
-            if *k.1 == locality.zone {
-                0
-            } else if *k.0 == locality.region {
-                1
-            } else {
-                2
-            }
-        };
-        let prev = self.order.get(cluster).cloned().unwrap_or_default();
-        let mut order: Vec<ZoneKey> = prev.iter().filter(|k| keys.contains(k)).cloned().collect();
-        // Newcomers take their place by latency (then locality) without hysteresis.
-        let mut fresh: Vec<ZoneKey> = keys
-            .iter()
-            .filter(|k| !order.contains(k))
-            .cloned()
-            .collect();
-        fresh.sort_by(|a, b| {
-            let la = latency[a].unwrap_or(f64::INFINITY);
-            let lb = latency[b].unwrap_or(f64::INFINITY);
-            la.total_cmp(&lb)
-                .then(locality_rank(a).cmp(&locality_rank(b)))
-                .then(a.1.cmp(&b.1))
-        });
-        for k in fresh {
-            let lk = latency[&k].unwrap_or(f64::INFINITY);
-            let pos = order
-                .iter()
-                .position(|o| latency[o].unwrap_or(f64::INFINITY) > lk)
-                .unwrap_or(order.len());
-            order.insert(pos, k);
-        }
-        // Insertion sort under the hysteresis relation.
-        let mut seen = Vec::new();
-        for i in 1..order.len() {
-            let mut j = i;
-            while j > 0 {
-                let (b, a) = (&order[j], &order[j - 1]);
-                let pair = (b.clone(), a.clone());
-                seen.push(pair.clone());
-                if self.beats(pair, latency[b], latency[a], routing, now) {
-                    order.swap(j, j - 1);
-                    j -= 1;
-                } else {
-                    break;
-                }
-            }
-        }
-        // Forget challenges between zones that are no longer neighbours.
-        self.challenges.retain(|k, _| seen.contains(k));
-        self.order.insert(cluster.to_string(), order.clone());
-        order
-    }
-
-    fn beats(
-        &mut self,
-        pair: (ZoneKey, ZoneKey),
-        challenger: Option<f64>,
-        incumbent: Option<f64>,
-        routing: &RoutingConfig,
-        now: Instant,
-    ) -> bool {
-        let (b, a) = match (challenger, incumbent) {
-            (Some(b), Some(a)) => (b, a),
-            (Some(_), None) => return true,
-            _ => return false,
-        };
-        // Below a quarter millisecond the difference is scheduler noise, not distance.
-        let clearly = b * (1.0 + routing.hysteresis) < a && a - b > 0.25;
-        if !clearly {
-            self.challenges.remove(&pair);
-            return false;
-        }
-        if b * 2.0 <= a {
-            self.challenges.remove(&pair);
-            return true;
-        }
-        let since = *self.challenges.entry(pair.clone()).or_insert(now);
-        if now.duration_since(since) >= routing.rank_hold {
-            self.challenges.remove(&pair);
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// One part of the traffic flowing down the ranking: how much, why it moved last, and the
@@ -501,7 +389,15 @@ const EPS: f64 = 1e-9;
 /// Traffic no zone could take (every other region down or dialled) falls back to the
 /// dialled zones with room, as `failover`, when `dial_fallback` is on; otherwise it is left
 /// unassigned and refused.
-fn distribute(zones: &[ZoneTable], health: &[f64], cc: &ClusterConfig) -> Vec<Slice> {
+///
+/// `dead_ahead`: a zone with nothing healthy is nearer by latency than every healthy one (it
+/// is listed last, but the traffic that reaches the first healthy zone is its failover).
+fn distribute(
+    zones: &[ZoneTable],
+    health: &[f64],
+    cc: &ClusterConfig,
+    dead_ahead: bool,
+) -> Vec<Slice> {
     let total: f64 = health.iter().sum::<f64>().min(1.0);
     // One bit per region (regions past the 64th share "no bit": they cannot be skipped).
     let mut regions: Vec<&str> = Vec::new();
@@ -524,7 +420,11 @@ fn distribute(zones: &[ZoneTable], health: &[f64], cc: &ClusterConfig) -> Vec<Sl
         .collect();
     let mut flow = vec![Portion {
         amount: 1.0,
-        reason: Reason::Nearest,
+        reason: if dead_ahead {
+            Reason::Failover
+        } else {
+            Reason::Nearest
+        },
         skip: 0,
     }];
     let mut parts: Vec<(usize, f64, Reason)> = Vec::new();
@@ -692,7 +592,9 @@ cluster = "api"
                         &metrics,
                     );
                     e.force_status(Status::Healthy);
-                    e.observe(Duration::from_secs_f64(ms / 1000.0), cfg_decay());
+                    for _ in 0..crate::state::estimate::WINDOW {
+                        e.observe_probe(Duration::from_secs_f64(ms / 1000.0), cfg_decay());
+                    }
                     endpoints.push(e);
                 }
             }
@@ -728,11 +630,26 @@ cluster = "api"
             )
         }
 
+        /// Replaces a zone's probe history with `ms` (and `noise` ms of spread around it).
         fn set_latency(&self, zone: &str, ms: f64) {
+            self.set_noisy(zone, ms, 0.0);
+        }
+
+        fn set_noisy(&self, zone: &str, ms: f64, noise: f64) {
             for e in self.endpoints.iter().filter(|e| &*e.zone == zone) {
-                e.latency.reset_for_test();
-                e.smoothed.reset_for_test();
-                e.observe(Duration::from_secs_f64(ms / 1000.0), cfg_decay());
+                e.probes.clear();
+                e.probe_latency.reset();
+                for i in 0..crate::state::estimate::WINDOW {
+                    let jitter = noise * ((i % 4) as f64 / 1.5 - 1.0);
+                    e.observe_probe(Duration::from_secs_f64((ms + jitter) / 1000.0), cfg_decay());
+                }
+            }
+        }
+
+        /// One more probe for every endpoint of a zone.
+        fn probe(&self, zone: &str, ms: f64) {
+            for e in self.endpoints.iter().filter(|e| &*e.zone == zone) {
+                e.observe_probe(Duration::from_secs_f64(ms / 1000.0), cfg_decay());
             }
         }
     }
@@ -785,23 +702,148 @@ cluster = "api"
             order(&f.build(&mut b, &cfg, t0 + Duration::from_secs(5))),
             ["a", "b"]
         );
-        // b becomes 20% faster: it must hold that lead for rank_hold (1 s) first.
+        // b becomes 20% faster: the new order must stand for rank_hold (500 ms) first.
         f.set_latency("b", 8.0);
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(order(&f.build(&mut b, &cfg, t1)), ["a", "b"]);
         assert_eq!(
-            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(500))),
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(300))),
             ["a", "b"]
         );
         assert_eq!(
-            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1100))),
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(600))),
             ["b", "a"]
         );
         // a becomes twice as fast as b: it passes at once.
         f.set_latency("a", 3.0);
         assert_eq!(
-            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(1200))),
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(700))),
             ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn zones_equal_within_noise_rank_by_locality_whatever_came_first() {
+        // Listed remote first; each a little faster than the next, but within noise.
+        let f = Fixture::new(&[
+            ("r2", "c", 1, 3.0),
+            ("r1", "b", 1, 3.2),
+            ("r1", "a", 1, 3.4),
+        ]);
+        f.set_noisy("c", 3.0, 1.0);
+        f.set_noisy("b", 3.2, 1.0);
+        f.set_noisy("a", 3.4, 1.0);
+        let cfg = config("");
+        let mut b = TableBuilder::new();
+        let t0 = Instant::now();
+        for k in 0..30 {
+            let t = f.build(&mut b, &cfg, t0 + Duration::from_millis(100 * k));
+            assert_eq!(order(&t), ["a", "b", "c"], "build {k}");
+        }
+        // A zone that drifted ahead (b was clearly faster for a while) gives the place back
+        // to the local zone once it is equal within noise again, after the hold.
+        f.set_noisy("b", 1.0, 0.05);
+        let t1 = t0 + Duration::from_secs(10);
+        f.build(&mut b, &cfg, t1);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_secs(1))),
+            ["b", "a", "c"]
+        );
+        f.set_noisy("b", 3.2, 1.0);
+        f.build(&mut b, &cfg, t1 + Duration::from_secs(2));
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_secs(3))),
+            ["a", "b", "c"]
+        );
+    }
+
+    #[test]
+    fn another_region_needs_the_cross_region_margin() {
+        let f = Fixture::new(&[("r1", "a", 1, 5.0), ("r2", "c", 1, 4.0)]);
+        let mut b = TableBuilder::new();
+        let t0 = Instant::now();
+        // 1 ms faster: not more than 10% + the 1 ms default margin.
+        let cfg = config("");
+        f.build(&mut b, &cfg, t0);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t0 + Duration::from_secs(2))),
+            ["a", "c"]
+        );
+        // Without the margin it is clearly faster.
+        let mut cfg1 = config("");
+        cfg1.routing.cross_region_margin = Duration::ZERO;
+        f.build(&mut b, &cfg1, t0 + Duration::from_secs(3));
+        assert_eq!(
+            order(&f.build(&mut b, &cfg1, t0 + Duration::from_secs(4))),
+            ["c", "a"]
+        );
+    }
+
+    #[test]
+    fn one_lucky_probe_steals_nothing_and_a_shift_is_followed_in_two() {
+        let f = Fixture::new(&[("r1", "a", 2, 3.0), ("r1", "b", 1, 3.0)]);
+        f.set_noisy("a", 3.0, 0.3);
+        f.set_noisy("b", 3.0, 0.3);
+        let cfg = config("");
+        let mut b = TableBuilder::new();
+        let t0 = Instant::now();
+        assert_eq!(order(&f.build(&mut b, &cfg, t0)), ["a", "b"]);
+        // a gets slow: three slow probes of each endpoint are a shift, twice as slow: at once.
+        f.probe("a", 150.0);
+        f.probe("a", 152.0);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t0 + Duration::from_millis(200))),
+            ["a", "b"]
+        );
+        f.probe("a", 151.0);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t0 + Duration::from_millis(400))),
+            ["b", "a"]
+        );
+        // One fast probe among slow ones changes nothing, early in the slow spell or late.
+        f.probe("a", 150.0);
+        f.probe("a", 3.0);
+        for k in 0..10 {
+            let t = f.build(&mut b, &cfg, t0 + Duration::from_millis(500 + 30 * k));
+            assert_eq!(order(&t), ["b", "a"]);
+        }
+        for _ in 0..30 {
+            f.probe("a", 150.0);
+        }
+        f.probe("a", 3.0);
+        for k in 0..10 {
+            let t = f.build(&mut b, &cfg, t0 + Duration::from_millis(1000 + 100 * k));
+            assert_eq!(order(&t), ["b", "a"]);
+        }
+        // Fast again for two probes: back after the hold (locality breaks the tie).
+        f.probe("a", 3.1);
+        let t1 = t0 + Duration::from_secs(3);
+        f.build(&mut b, &cfg, t1);
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t1 + Duration::from_millis(600))),
+            ["a", "b"]
+        );
+    }
+
+    #[test]
+    fn a_zone_without_a_healthy_endpoint_never_ranks_ahead_of_a_healthy_one() {
+        let f = Fixture::new(&[("r1", "a", 2, 1.0), ("r2", "c", 1, 50.0)]);
+        let cfg = config("");
+        let mut b = TableBuilder::new();
+        let t0 = Instant::now();
+        assert_eq!(order(&f.build(&mut b, &cfg, t0)), ["a", "c"]);
+        for e in f.endpoints.iter().filter(|e| &*e.zone == "a") {
+            e.force_status(Status::Unhealthy);
+        }
+        let t = f.build(&mut b, &cfg, t0 + Duration::from_millis(100));
+        assert_eq!(order(&t), ["c", "a"], "at once, without a hold");
+        assert_eq!(t.clusters[0].zones[0].rank, 0);
+        for e in f.endpoints.iter().filter(|e| &*e.zone == "a") {
+            e.force_status(Status::Healthy);
+        }
+        assert_eq!(
+            order(&f.build(&mut b, &cfg, t0 + Duration::from_millis(200))),
+            ["a", "c"]
         );
     }
 
@@ -822,7 +864,7 @@ cluster = "api"
         // None healthy in a: all goes to b as failover.
         f.endpoints[3].force_status(Status::Unhealthy);
         let t = f.build(&mut b, &config(""), Instant::now());
-        assert_eq!(shares(&t), [("a".into(), 0.0), ("b".into(), 1.0)]);
+        assert_eq!(shares(&t), [("b".into(), 1.0), ("a".into(), 0.0)]);
         assert_eq!(t.clusters[0].slices[0].reason, Reason::Failover);
     }
 

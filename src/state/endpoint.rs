@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::clock::now_ms;
 use crate::config::{Decay, HealthCheckConfig, OutlierConfig};
 use crate::state::budget::Budget;
+use crate::state::estimate::ProbeWindow;
 use crate::state::ewma::{Ewma, PeakEwma};
 use crate::telemetry::events::{Events, Severity};
 use crate::telemetry::metrics::{EndpointMetrics, Metrics};
@@ -47,10 +48,17 @@ pub struct EndpointState {
     pub region: Arc<str>,
     pub zone: Arc<str>,
     status: AtomicU8,
-    /// Peak-sensitive: the in-zone pick's latency.
+    /// Real requests only, peak-sensitive: the in-zone pick's latency.
     pub latency: PeakEwma,
-    /// Symmetric: the zone ranking's latency, and the one reported.
+    /// Real requests only, symmetric: confirms the peak before the in-zone pick acts on it.
     pub smoothed: Ewma,
+    /// Real requests only: the smoothed square (us^2), for the spread of single answers.
+    pub smoothed_sq: Ewma,
+    /// Probes only, symmetric: the reported latency, and the in-zone pick's comparison when
+    /// an endpoint has no recent request to compare.
+    pub probe_latency: Ewma,
+    /// Probes only: the last round trips, which rank zones with their noise.
+    pub probes: ProbeWindow,
     pub in_flight: AtomicU32,
     pub requests: AtomicU64,
     passive_failures: AtomicU32,
@@ -85,6 +93,9 @@ impl EndpointState {
             status: AtomicU8::new(Status::Unknown as u8),
             latency: PeakEwma::default(),
             smoothed: Ewma::default(),
+            smoothed_sq: Ewma::default(),
+            probe_latency: Ewma::default(),
+            probes: ProbeWindow::default(),
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             passive_failures: AtomicU32::new(0),
@@ -127,19 +138,55 @@ impl EndpointState {
         self.status() == Status::Healthy && !self.is_ejected()
     }
 
-    /// The smoothed latency (ranking, /routes, metrics).
+    /// The probes' smoothed round trip (/routes, metrics): measured alike for every
+    /// endpoint, busy or idle.
     pub fn latency_ms(&self) -> Option<f64> {
-        self.smoothed.get_us().map(|us| us / 1000.0)
+        self.probe_latency.get_us().map(|us| us / 1000.0)
     }
 
+    /// Real requests' peak-sensitive time to headers.
     pub fn peak_latency_ms(&self) -> Option<f64> {
         self.latency.get_us().map(|us| us / 1000.0)
     }
 
-    /// One latency sample (a probe's round trip or a request's time to headers).
+    /// Real requests' smoothed time to headers.
+    pub fn request_latency_ms(&self) -> Option<f64> {
+        self.smoothed.get_us().map(|us| us / 1000.0)
+    }
+
+    /// One real request's time to headers. Probes go to [`Self::observe_probe`]: a probe
+    /// and a request differ (connection reuse, path, the backend's load), so the two are
+    /// kept apart and only compared with their own kind.
     pub fn observe(&self, sample: Duration, decay: Decay) {
         self.latency.observe(sample, decay.peak);
         self.smoothed.observe(sample, decay.smooth);
+        let us = sample.as_secs_f64() * 1e6;
+        self.smoothed_sq.observe_value(us * us, decay.smooth);
+    }
+
+    /// Variance of single request latencies (us^2) from the smoothed averages.
+    pub fn request_variance_us2(&self) -> Option<f64> {
+        let m = self.smoothed.get_us()?;
+        let sq = self.smoothed_sq.get_us()?;
+        Some((sq - m * m).max(0.0))
+    }
+
+    /// One probe round trip (or a probe's timeout, a lower bound).
+    pub fn observe_probe(&self, sample: Duration, decay: Decay) {
+        self.probe_latency.observe(sample, decay.smooth);
+        self.probes.push(sample.as_secs_f64() * 1e3);
+    }
+
+    /// Forgets the request averages when no request has fed them for `max_age`: an
+    /// endpoint that stopped getting traffic is then compared on probes, like its peers,
+    /// instead of on a frozen sample from before it lost its share.
+    pub fn forget_stale_requests(&self, max_age: Duration) {
+        let max = max_age.as_millis() as u64;
+        if self.latency.age_ms().is_some_and(|a| a > max) {
+            self.latency.reset();
+            self.smoothed.reset();
+            self.smoothed_sq.reset();
+        }
     }
 
     /// A real request's outcome, for passive outlier detection. `failed` means a connect
@@ -295,6 +342,9 @@ impl EndpointState {
             .store(old.status.load(Ordering::Relaxed), Ordering::Relaxed);
         self.latency.copy_from(&old.latency);
         self.smoothed.copy_from(&old.smoothed);
+        self.smoothed_sq.copy_from(&old.smoothed_sq);
+        self.probe_latency.copy_from(&old.probe_latency);
+        self.probes.copy_from(&old.probes);
         self.requests
             .store(old.requests.load(Ordering::Relaxed), Ordering::Relaxed);
         self.metrics

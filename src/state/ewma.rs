@@ -31,7 +31,12 @@ impl<const PEAK: bool> Average<PEAK> {
     }
 
     pub fn observe(&self, sample: Duration, decay: Duration) {
-        let s = (sample.as_secs_f64() * 1e6).max(1.0) as f32;
+        self.observe_value(sample.as_secs_f64() * 1e6, decay);
+    }
+
+    /// One sample of any positive quantity (the unit is the caller's; `get_us` returns it).
+    pub fn observe_value(&self, value: f64, decay: Duration) {
+        let s = value.max(1.0) as f32;
         let now = now_ms();
         let decay_ms = decay.as_millis().max(1) as f64;
         let mut cur = self.word.load(Ordering::Relaxed);
@@ -63,8 +68,15 @@ impl<const PEAK: bool> Average<PEAK> {
         (w != 0 && est > 0.0).then_some(est as f64)
     }
 
-    /// Forgets every sample (tests and benches that script latencies).
-    pub fn reset_for_test(&self) {
+    /// Milliseconds since the last sample, `None` before the first.
+    pub fn age_ms(&self) -> Option<u64> {
+        let w = self.word.load(Ordering::Relaxed);
+        (w != 0).then(|| (now_ms() as u32).wrapping_sub(w as u32) as u64)
+    }
+
+    /// Forgets every sample (tests and benches that script latencies, and estimates gone
+    /// stale).
+    pub fn reset(&self) {
         self.word.store(0, Ordering::Relaxed);
     }
 

@@ -4,9 +4,11 @@
 
 pub mod budget;
 pub mod endpoint;
+pub mod estimate;
 pub mod ewma;
 pub mod zone_stats;
 
 pub use budget::{budget_cap, Budget};
 pub use endpoint::{ClusterShared, EndpointState, InFlight, Status};
+pub use estimate::{zone_estimate, Estimate, ProbeWindow};
 pub use ewma::{Average, Ewma, PeakEwma};

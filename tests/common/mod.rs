@@ -46,6 +46,9 @@ pub struct BackendCtl {
     pub stall_ms: AtomicU64,
     pub last_headers: Mutex<Option<HeaderMap>>,
     pub accepted: AtomicU64,
+    /// Up to this many microseconds of uniform random delay added to every answer
+    /// (requests and health checks alike), on top of `delay_ms`.
+    pub jitter_us: AtomicU64,
 }
 
 impl BackendCtl {
@@ -65,6 +68,20 @@ impl BackendCtl {
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
     }
+    /// Adds 0 to `ms` milliseconds of random delay to every answer.
+    pub fn set_jitter(&self, ms: u64) {
+        self.jitter_us.store(ms * 1000, Ordering::SeqCst);
+    }
+    /// `delay_ms` plus this answer's random jitter.
+    fn answer_delay(&self, base_ms: u64) -> Duration {
+        let j = self.jitter_us.load(Ordering::SeqCst);
+        let extra = if j == 0 {
+            0
+        } else {
+            rand::Rng::gen_range(&mut rand::thread_rng(), 0..=j)
+        };
+        Duration::from_millis(base_ms) + Duration::from_micros(extra)
+    }
 }
 
 pub struct Backend {
@@ -81,6 +98,15 @@ impl Backend {
             .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         Self::serve(name, delay_ms, listener, addr)
+    }
+
+    /// Starts a backend that answers after `delay_ms` plus 0 to `jitter_ms` of uniform random
+    /// delay, drawn anew for every answer (health checks included), like a real server on a
+    /// real network.
+    pub async fn start_jittered(name: &str, delay_ms: u64, jitter_ms: u64) -> Backend {
+        let b = Self::start(name, delay_ms).await;
+        b.ctl.set_jitter(jitter_ms);
+        b
     }
 
     /// Starts a backend on a given address (to bring a killed one back on its port).
@@ -109,6 +135,7 @@ impl Backend {
             stall_ms: AtomicU64::new(0),
             last_headers: Mutex::new(None),
             accepted: AtomicU64::new(0),
+            jitter_us: AtomicU64::new(0),
         });
         let c = ctl.clone();
         let accept = tokio::spawn(async move {
@@ -182,7 +209,7 @@ async fn answer(c: Arc<BackendCtl>, req: Request<Incoming>) -> Result<Response<B
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         c.health_hits.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(c.delay_ms.load(Ordering::SeqCst))).await;
+        tokio::time::sleep(c.answer_delay(c.delay_ms.load(Ordering::SeqCst))).await;
         if c.mode() == Mode::Reset {
             return Err(Broken);
         }
@@ -203,8 +230,9 @@ async fn answer(c: Arc<BackendCtl>, req: Request<Incoming>) -> Result<Response<B
     } else {
         c.delay_ms.load(Ordering::SeqCst)
     };
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+    let delay = c.answer_delay(delay);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     match c.mode() {
         Mode::Reset => return Err(Broken),

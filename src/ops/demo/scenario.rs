@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::{Demo, SLOW_EXTRA_MS};
 use crate::ops::router::Router;
-use crate::routing::table::zone_latency_ms;
+use crate::routing::rank::zone_estimate_of;
 use crate::telemetry::Severity;
 
 mod traffic;
@@ -138,7 +138,7 @@ impl Driver {
             healthy: z.healthy,
             endpoints: z.endpoints.len(),
             share: z.share,
-            latency_ms: zone_latency_ms(z.endpoints.iter()),
+            latency_ms: zone_estimate_of(z.endpoints.iter(), &t.config.routing).map(|e| e.ms),
         })
     }
 
