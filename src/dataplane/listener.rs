@@ -26,6 +26,7 @@ pub fn spawn_data_threads(
     shutdown: &watch::Sender<bool>,
     tls: Option<Arc<ReloadableServerTls>>,
     limit: (Arc<Semaphore>, usize),
+    id: u64,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
     let mut threads = Vec::new();
     for (i, l) in std::iter::once(first).chain(more).enumerate() {
@@ -44,7 +45,7 @@ pub fn spawn_data_threads(
                 crate::upstream::set_pool_shard(i + 1);
                 rt.block_on(async move {
                     match TcpListener::from_std(l) {
-                        Ok(l) => serve_data(l, router, shutdown, tls, limit).await,
+                        Ok(l) => serve_data(l, router, shutdown, tls, limit, id).await,
                         Err(e) => error!("data-plane thread {i}: listener: {e}"),
                     }
                 });
@@ -78,14 +79,18 @@ pub async fn bind(addr: SocketAddr, key: &str, reuseport: bool) -> Result<TcpLis
         .map_err(|e| format!("{key} {addr}: cannot listen: {e}"))
 }
 
-/// Serves one listener socket until shutdown, then drains its connections.
+/// Serves one HTTP listener socket until shutdown, then drains its connections. `limit`
+/// is the process-wide connection cap; `id` the listener's [`config::listener_id`].
 pub async fn serve_data(
     listener: TcpListener,
     router: Arc<Control>,
     mut shutdown: watch::Receiver<bool>,
     tls: Option<Arc<ReloadableServerTls>>,
     (limit, max): (Arc<Semaphore>, usize),
+    id: u64,
 ) {
+    // This listener's own connections, so a listener removed by a reload drains only them.
+    let mine = Arc::new(Semaphore::new(max));
     let cfg = router.config.load_full();
     let l = &cfg.listener;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -113,6 +118,7 @@ pub async fn serve_data(
         header_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,
         max_header_bytes: l.max_header_bytes,
+        listener: id,
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -133,6 +139,10 @@ pub async fn serve_data(
             drop(stream);
             continue;
         };
+        // Never short: it has as many permits as the process-wide limit.
+        let Ok(own) = mine.clone().try_acquire_owned() else {
+            continue;
+        };
         router.metrics.connections_accepted.inc();
         router.metrics.connections_active.inc();
         let _ = stream.set_nodelay(true);
@@ -142,8 +152,10 @@ pub async fn serve_data(
         let tls = tls.clone();
         let signal = signal_tx.subscribe();
         tokio::spawn(async move {
-            let end =
-                serve_connection(stream, peer, state, builder, tls, signal, timeouts, native).await;
+            let end = serve_connection(
+                stream, peer, state, builder, tls, signal, timeouts, native, id,
+            )
+            .await;
             if end == conn::End::SlowHead {
                 metrics
                     .errors
@@ -152,7 +164,7 @@ pub async fn serve_data(
                 tracing::debug!(%peer, "request headers too slow: connection closed");
             }
             metrics.connections_active.dec();
-            drop(permit);
+            drop((permit, own));
         });
     }
     drop(listener);
@@ -160,14 +172,14 @@ pub async fn serve_data(
     let drain = router.config.load().listener.drain_timeout;
     // Every connection holds a permit until it ends: all of them back means all drained.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(drain, limit.acquire_many(all)).await;
+    let drained = tokio::time::timeout(drain, mine.acquire_many(all)).await;
     match drained {
         Ok(_) => info!("drained: all connections closed"),
         Err(_) => {
             warn!("drain timeout ({drain:?}) reached; closing remaining connections");
             let _ = signal_tx.send(conn::Signal::Close);
             // Give the connection tasks a moment to close their sockets.
-            let _ = tokio::time::timeout(Duration::from_secs(1), limit.acquire_many(all)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), mine.acquire_many(all)).await;
         }
     }
 }
@@ -182,6 +194,7 @@ async fn serve_connection(
     mut signal: watch::Receiver<conn::Signal>,
     (header_timeout, idle_timeout): (Duration, Duration),
     native: Option<h1::Limits>,
+    listener: u64,
 ) -> conn::End {
     let https = tls.is_some();
     let stream = match (&tls, native) {
@@ -195,7 +208,7 @@ async fn serve_connection(
     let act = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = act.begin(req.version());
-        let fut = proxy::handle(state.clone(), req, peer, https);
+        let fut = proxy::handle(state.clone(), req, peer, https, listener);
         async move {
             let resp = fut.await?;
             Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))

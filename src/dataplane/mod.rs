@@ -5,4 +5,5 @@
 pub mod h1;
 pub mod hyper;
 pub mod listener;
+pub mod redirect;
 pub mod watchdog;

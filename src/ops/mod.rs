@@ -3,5 +3,6 @@
 
 pub mod admin;
 pub mod demo;
+pub mod doors;
 pub mod router;
 pub mod status;

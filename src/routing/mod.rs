@@ -3,6 +3,7 @@
 //! picks an endpoint from it. No I/O and no locks: the request path runs this.
 
 pub mod balancer;
+pub mod redirect;
 pub mod table;
 
 pub use table::{ClusterTable, Reason, RoutingTable, ZoneTable};

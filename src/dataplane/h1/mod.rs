@@ -54,6 +54,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    /// The listener's index in the config, for its routes.
+    pub listener: u64,
 }
 
 /// How [`serve`] ends.
@@ -121,7 +123,14 @@ pub async fn serve(
                     head_end_seen(&buf, &mut scanned)
                 };
                 if ready {
-                    match prepare(&buf, &table, peer, limits.max_header_bytes, state) {
+                    match prepare(
+                        &buf,
+                        &table,
+                        peer,
+                        limits.max_header_bytes,
+                        limits.listener,
+                        state,
+                    ) {
                         Step::Partial => {}
                         Step::MoreBody(total) => need = total,
                         step => break step,
@@ -344,6 +353,7 @@ fn prepare<'t>(
     table: &'t Table,
     peer: SocketAddr,
     max_header_bytes: usize,
+    listener: u64,
     state: &ProxyState,
 ) -> Step<'t> {
     // HTTP/2 with prior knowledge starts "PRI * HTTP/2.0".
@@ -477,7 +487,7 @@ fn prepare<'t>(
     });
     // A body this path will not read: answer, then close.
     let close = body != Framing::None || conn.close;
-    let Some(route) = table.match_route(Some(&route_host), path) else {
+    let Some(route) = table.match_route(listener, Some(&route_host), path) else {
         state.metrics.no_route.inc();
         return Step::Reply(Reply {
             head_len,
@@ -493,7 +503,7 @@ fn prepare<'t>(
     };
     let cluster = &table.clusters[route.cluster];
     let cfg = &cluster.config;
-    if cfg.http2 || cfg.tls.is_some() || route.hedge {
+    if cfg.http2 || cfg.tls.is_some() || route.hedge || route.redirect.is_some() {
         return Step::Hyper;
     }
     if let Some(l) = log.as_mut() {
@@ -1452,7 +1462,7 @@ cluster = "api"
                     buf.extend_from_slice(PIECES[next(PIECES.len())]);
                 }
             }
-            if let Step::Forward(f) = prepare(&buf, &table, peer, 64 * 1024, &state) {
+            if let Step::Forward(f) = prepare(&buf, &table, peer, 64 * 1024, 0, &state) {
                 forwarded += 1;
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut up = httparse::Request::new(&mut headers);
@@ -1509,6 +1519,7 @@ mod size {
             header_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_header_bytes: 65536,
+            listener: 0,
         };
         let peer = "127.0.0.1:1".parse().expect("addr");
         let fut = serve(s, peer, &state, &mut rx, limits);

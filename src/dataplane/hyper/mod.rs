@@ -254,6 +254,7 @@ pub async fn handle(
     req: Request<Incoming>,
     client: SocketAddr,
     https: bool,
+    listener: u64,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     let table = state.table.load_full();
@@ -272,7 +273,7 @@ pub async fn handle(
             client,
         )
     });
-    let Some(route) = table.match_route(host.as_deref(), req.uri().path()) else {
+    let Some(route) = table.match_route(listener, host.as_deref(), req.uri().path()) else {
         state.metrics.no_route.inc();
         return Ok(error_exit(
             log,
@@ -282,6 +283,15 @@ pub async fn handle(
             &request_id,
         ));
     };
+    if let Some(r) = &route.redirect {
+        return Ok(super::redirect::response(
+            r,
+            host.as_deref(),
+            req.uri(),
+            &request_id,
+            log,
+        ));
+    }
     let cluster = &table.clusters[route.cluster];
     if let Some(l) = log.as_mut() {
         l.cluster = Some(cluster.name.clone());
