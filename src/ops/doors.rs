@@ -187,16 +187,18 @@ pub struct Plan {
     pub add: Vec<ListenerSpec>,
 }
 
-/// Matches the new config's listeners with the running ones by address (and, for port 0,
-/// by name). A listener whose protocol or name changed on the same address keeps running as
+/// Matches the new config's listeners with the running ones by address (configured or
+/// bound; for port 0, with the name). A listener whose protocol or name changed on the same address keeps running as
 /// it was, and `new` is corrected to say so: that change needs a restart.
 pub fn plan(running: &[Door], new: &mut Config, notes: &mut Vec<String>) -> Plan {
     let mut keep = Vec::new();
     let mut add = Vec::new();
     for spec in new.listeners.iter_mut() {
+        // A port once picked by the kernel (port 0) may be written into the file later.
         let found = running.iter().enumerate().find(|(i, d)| {
-            d.spec.address == spec.address
-                && (spec.address.port() != 0 || d.spec.name == spec.name)
+            (d.local == spec.address
+                || d.spec.address == spec.address
+                    && (spec.address.port() != 0 || d.spec.name == spec.name))
                 && !keep.iter().any(|(k, _)| k == i)
         });
         match found {
