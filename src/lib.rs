@@ -9,6 +9,7 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod conn;
+pub mod dataplane;
 pub mod demo;
 pub mod discovery;
 pub mod h1;
