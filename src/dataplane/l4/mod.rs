@@ -9,9 +9,11 @@
 //! read (and any PROXY header for the upstream) as the first bytes. UDP has no connection,
 //! so [`udp_flows::FlowTable`] stands in for one: a synchronous table the listener drives.
 
+pub mod copy;
 pub mod proxy_protocol;
 pub mod udp_flows;
 
+pub use copy::{splice, ByteCounters};
 pub use proxy_protocol::{
     encode_v1, encode_v2, read_header, ProxiedAddrs, ProxyHeaderError, Trusted, TrustedError,
 };
