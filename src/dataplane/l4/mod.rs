@@ -11,10 +11,12 @@
 
 pub mod copy;
 pub mod proxy_protocol;
+pub mod sni;
 pub mod udp_flows;
 
 pub use copy::{splice, ByteCounters};
 pub use proxy_protocol::{
     encode_v1, encode_v2, read_header, ProxiedAddrs, ProxyHeaderError, Trusted, TrustedError,
 };
+pub use sni::{read_client_hello, validate_pattern, ClientHello, SniError, SniTable};
 pub use udp_flows::{FlowTable, FlowTableFull};
