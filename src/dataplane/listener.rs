@@ -91,6 +91,14 @@ pub async fn serve_data(
 ) {
     // This listener's own connections, so a listener removed by a reload drains only them.
     let mine = Arc::new(Semaphore::new(max));
+    let accepted = {
+        let cfg = router.config.load();
+        let spec = cfg.listeners.iter().find(|l| l.id() == id);
+        router.metrics.l4.listener_connections.with_label_values(&[
+            spec.map_or("", |s| s.name.as_str()),
+            spec.map_or("http", |s| s.protocol.as_str()),
+        ])
+    };
     let cfg = router.config.load_full();
     let l = &cfg.listener;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -144,6 +152,7 @@ pub async fn serve_data(
             continue;
         };
         router.metrics.connections_accepted.inc();
+        accepted.inc();
         router.metrics.connections_active.inc();
         let _ = stream.set_nodelay(true);
         let state = router.proxy.clone();
@@ -151,7 +160,34 @@ pub async fn serve_data(
         let builder = builder.clone();
         let tls = tls.clone();
         let signal = signal_tx.subscribe();
+        // Only a listener that takes PROXY headers needs its spec on the connection.
+        let spec = router
+            .config
+            .load()
+            .listeners
+            .iter()
+            .find(|l| l.id() == id && l.proxy_protocol.is_some())
+            .cloned();
+        let handshake = timeouts.0;
         tokio::spawn(async move {
+            let mut stream = stream;
+            let peer = match &spec {
+                Some(spec) => {
+                    match crate::dataplane::l4::client_address(&mut stream, peer, spec, handshake)
+                        .await
+                    {
+                        Ok(client) => client,
+                        Err(reason) => {
+                            metrics.l4.reject(&spec.name, reason).inc();
+                            tracing::debug!(%peer, "closed: {reason}");
+                            metrics.connections_active.dec();
+                            drop((permit, own));
+                            return;
+                        }
+                    }
+                }
+                None => peer,
+            };
             let end = serve_connection(
                 stream, peer, state, builder, tls, signal, timeouts, native, id,
             )

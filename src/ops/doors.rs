@@ -61,6 +61,8 @@ enum Socket {
     Tcp(TcpListener),
     /// SO_REUSEPORT sockets, one per data-plane thread.
     PerCore(TcpListener, Vec<TcpListener>),
+    /// tcp and tls_passthrough.
+    L4(TcpListener),
 }
 
 pub fn tls_pairs(t: &config::ListenerTls) -> Vec<CertPair> {
@@ -95,11 +97,7 @@ pub async fn bind_door(
             ))
         }
         (Protocol::Tcp { .. } | Protocol::TlsPassthrough { .. }, _) => {
-            return Err(format!(
-                "{}: protocol {:?} is not served by this build",
-                key(config, spec, "protocol"),
-                spec.protocol.as_str()
-            ))
+            Socket::L4(bind(spec.address, &k, false).await?)
         }
         (Protocol::Http | Protocol::Https(_), DataPlane::PerCore(n)) if n > 1 => {
             // A plain bind first: it fails while anything holds the address, another
@@ -122,7 +120,7 @@ pub async fn bind_door(
         }
     };
     let local = match &socket {
-        Socket::Tcp(l) | Socket::PerCore(l, _) => l.local_addr(),
+        Socket::Tcp(l) | Socket::PerCore(l, _) | Socket::L4(l) => l.local_addr(),
     }
     .map_err(|e| format!("{k}: {e}"))?;
     Ok(Bound {
@@ -158,6 +156,13 @@ impl Bound {
                 self.tls.clone(),
                 limit,
                 id,
+            )),
+            Socket::L4(l) => tokio::spawn(crate::dataplane::l4::tcp::serve(
+                l,
+                control.clone(),
+                stop_rx,
+                limit,
+                self.spec.name.clone(),
             )),
             Socket::PerCore(first, more) => {
                 let threads =

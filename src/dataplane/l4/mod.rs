@@ -9,10 +9,14 @@
 //! read (and any PROXY header for the upstream) as the first bytes. UDP has no connection,
 //! so [`udp_flows::FlowTable`] stands in for one: a synchronous table the listener drives.
 
+pub mod client;
 pub mod copy;
 pub mod proxy_protocol;
 pub mod sni;
+pub mod tcp;
 pub mod udp_flows;
+
+pub use client::client_address;
 
 pub use copy::{splice, ByteCounters};
 pub use proxy_protocol::{
