@@ -439,3 +439,229 @@ interval = "100ms"
     .await;
     r.stop().await;
 }
+
+/// A UDP upstream answering `NAME:` + each datagram, with a TCP listener on the same port
+/// for the connect health check. `kill` stops both.
+struct UdpEcho {
+    addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl UdpEcho {
+    async fn start(name: &'static str) -> UdpEcho {
+        let (u, t) = loop {
+            let t = TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
+            let port = t.local_addr().expect("addr").port();
+            // The same port number for UDP may be taken by someone else: try another.
+            if let Ok(u) = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await {
+                break (u, t);
+            }
+        };
+        let addr = u.local_addr().expect("addr");
+        let udp = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_535];
+            while let Ok((n, from)) = u.recv_from(&mut buf).await {
+                let mut reply = format!("{name}:").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = u.send_to(&reply, from).await;
+            }
+        });
+        let tcp = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = t.accept().await {
+                held.push(s);
+                held.truncate(64);
+            }
+        });
+        UdpEcho {
+            addr,
+            tasks: vec![udp, tcp],
+        }
+    }
+
+    fn kill(&mut self) {
+        self.tasks.drain(..).for_each(|h| h.abort());
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends `msg` from `s` to `to` and waits for one answer.
+async fn ask(s: &tokio::net::UdpSocket, to: SocketAddr, msg: &str) -> Option<String> {
+    s.send_to(msg.as_bytes(), to).await.ok()?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = tokio::time::timeout(Duration::from_millis(1500), s.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    assert_eq!(from, to, "replies come from the listener's address");
+    Some(String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+async fn udp_client() -> tokio::net::UdpSocket {
+    tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind client")
+}
+
+fn udp_listener(extra: &str) -> String {
+    format!("[[listener]]\nname = \"u\"\naddress = \"127.0.0.1:0\"\nprotocol = \"udp\"\ncluster = \"c\"\n{extra}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_go_to_the_nearest_zone_and_move_when_it_dies() {
+    let mut near = UdpEcho::start("near").await;
+    let mut far = UdpEcho::start("far").await;
+    let r = TestRouter::start(&config(
+        &udp_listener(""),
+        "",
+        &[
+            endpoint(near.addr, "r1", "r1a"),
+            endpoint(far.addr, "r2", "r2a"),
+        ],
+    ))
+    .await;
+    r.wait_all_healthy().await;
+    let addr = r.router.listener_addr("u").expect("udp listener");
+    // Whichever zone ranks first takes every flow (loopback latencies are close, so which
+    // one that is may vary); it is the one killed below.
+    let pinned = udp_client().await;
+    let first = ask(&pinned, addr, "q").await.expect("answer");
+    let (serving, other) = if first.starts_with("near:") {
+        ("near", "far")
+    } else {
+        ("far", "near")
+    };
+    for i in 0..5 {
+        assert_eq!(
+            ask(&pinned, addr, &format!("q{i}")).await,
+            Some(format!("{serving}:q{i}"))
+        );
+    }
+    for i in 0..5 {
+        let c = udp_client().await;
+        assert_eq!(
+            ask(&c, addr, &format!("n{i}")).await,
+            Some(format!("{serving}:n{i}"))
+        );
+    }
+
+    let dead_zone = if serving == "near" {
+        near.kill();
+        "r1a"
+    } else {
+        far.kill();
+        "r2a"
+    };
+    wait_until(
+        "the serving zone is seen down",
+        Duration::from_secs(10),
+        || async {
+            let routes = r.routes().await;
+            routes["clusters"][0]["endpoints"]
+                .as_array()
+                .map(|eps| {
+                    eps.iter()
+                        .any(|e| e["zone"] == dead_zone && e["healthy"] == false)
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    for i in 0..5 {
+        let c = udp_client().await;
+        assert_eq!(
+            ask(&c, addr, &format!("m{i}")).await,
+            Some(format!("{other}:m{i}"))
+        );
+    }
+    // The pinned flow's endpoint left the table: its next datagram picks again.
+    assert_eq!(
+        ask(&pinned, addr, "again").await,
+        Some(format!("{other}:again"))
+    );
+    let live_zone = if dead_zone == "r1a" {
+        "zone=\"r2a\""
+    } else {
+        "zone=\"r1a\""
+    };
+    assert!(
+        metric(
+            &r,
+            "edge_router_l4_connections_total",
+            &["listener=\"u\"", live_zone]
+        )
+        .await
+            >= 6.0
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_idle_out_and_the_cap_holds_under_a_flood_of_source_ports() {
+    let echo = UdpEcho::start("e").await;
+    let r = TestRouter::start(&config(
+        &udp_listener("flow_idle_timeout = \"400ms\"\nmax_flows = 5"),
+        "",
+        &[endpoint(echo.addr, "r1", "r1a")],
+    ))
+    .await;
+    r.wait_all_healthy().await;
+    let addr = r.router.listener_addr("u").expect("udp listener");
+    let active = |r: &TestRouter| {
+        let url = r.admin_url("/metrics");
+        async move {
+            let text = common::get(&url).await.body;
+            text.lines()
+                .find(|l| l.starts_with("edge_router_udp_flows_active{listener=\"u\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(-1.0)
+        }
+    };
+
+    let first = udp_client().await;
+    assert_eq!(ask(&first, addr, "hello").await.as_deref(), Some("e:hello"));
+    assert_eq!(active(&r).await, 1.0);
+    wait_until("the idle flow expires", Duration::from_secs(10), || async {
+        active(&r).await == 0.0
+    })
+    .await;
+
+    // A flood of new source ports: five flows at most, the rest dropped and counted.
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        let c = udp_client().await;
+        c.send_to(b"x", addr).await.expect("send");
+        clients.push(c);
+    }
+    wait_until(
+        "the flood is dropped beyond the cap",
+        Duration::from_secs(10),
+        || async {
+            metric(
+                &r,
+                "edge_router_udp_dropped_total",
+                &["reason=\"flow_limit\""],
+            )
+            .await
+                >= 45.0
+        },
+    )
+    .await;
+    let live = active(&r).await;
+    assert!((1.0..=5.0).contains(&live), "{live}");
+    // Once those idle out, a new client is served again.
+    wait_until(
+        "the flood's flows expire",
+        Duration::from_secs(10),
+        || async { active(&r).await == 0.0 },
+    )
+    .await;
+    let late = udp_client().await;
+    assert_eq!(ask(&late, addr, "late").await.as_deref(), Some("e:late"));
+    r.stop().await;
+}

@@ -63,6 +63,7 @@ enum Socket {
     PerCore(TcpListener, Vec<TcpListener>),
     /// tcp and tls_passthrough.
     L4(TcpListener),
+    Udp(tokio::net::UdpSocket),
 }
 
 pub fn tls_pairs(t: &config::ListenerTls) -> Vec<CertPair> {
@@ -90,12 +91,11 @@ pub async fn bind_door(
         _ => None,
     };
     let socket = match (&spec.protocol, plane) {
-        (Protocol::Udp { .. }, _) => {
-            return Err(format!(
-                "{}: protocol \"udp\" is not served by this build",
-                key(config, spec, "protocol")
-            ))
-        }
+        (Protocol::Udp { .. }, _) => Socket::Udp(
+            tokio::net::UdpSocket::bind(spec.address)
+                .await
+                .map_err(|e| format!("{k} {}: cannot bind: {e}", spec.address))?,
+        ),
         (Protocol::Tcp { .. } | Protocol::TlsPassthrough { .. }, _) => {
             Socket::L4(bind(spec.address, &k, false).await?)
         }
@@ -121,6 +121,7 @@ pub async fn bind_door(
     };
     let local = match &socket {
         Socket::Tcp(l) | Socket::PerCore(l, _) | Socket::L4(l) => l.local_addr(),
+        Socket::Udp(u) => u.local_addr(),
     }
     .map_err(|e| format!("{k}: {e}"))?;
     Ok(Bound {
@@ -164,6 +165,12 @@ impl Bound {
                 limit,
                 self.spec.name.clone(),
             )),
+            Socket::Udp(u) => tokio::spawn(crate::dataplane::l4::udp::serve(
+                u,
+                control.clone(),
+                stop_rx,
+                self.spec.name.clone(),
+            )),
             Socket::PerCore(first, more) => {
                 let threads =
                     spawn_data_threads(first, more, control, &stop, self.tls.clone(), limit, id)?;
@@ -200,10 +207,12 @@ pub fn plan(running: &[Door], new: &mut Config, notes: &mut Vec<String>) -> Plan
     let mut add = Vec::new();
     for spec in new.listeners.iter_mut() {
         // A port once picked by the kernel (port 0) may be written into the file later.
+        let udp = |p: &Protocol| matches!(p, Protocol::Udp { .. });
         let found = running.iter().enumerate().find(|(i, d)| {
-            (d.local == spec.address
-                || d.spec.address == spec.address
-                    && (spec.address.port() != 0 || d.spec.name == spec.name))
+            udp(&d.spec.protocol) == udp(&spec.protocol)
+                && (d.local == spec.address
+                    || d.spec.address == spec.address
+                        && (spec.address.port() != 0 || d.spec.name == spec.name))
                 && !keep.iter().any(|(k, _)| k == i)
         });
         match found {

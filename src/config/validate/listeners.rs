@@ -107,10 +107,13 @@ pub(super) fn validate_listeners(
             }
             (None, false) => return Err(v.err(key("address"), "missing")),
         };
-        if let Some(other) = specs
-            .iter()
-            .find(|s| s.address == address && address.port() != 0)
-        {
+        // udp and tcp ports are separate: DNS serves both on 53.
+        let udp = l.protocol.as_deref() == Some("udp");
+        if let Some(other) = specs.iter().find(|s| {
+            s.address == address
+                && address.port() != 0
+                && matches!(s.protocol, Protocol::Udp { .. }) == udp
+        }) {
             return Err(v.err(
                 key("address"),
                 format!("{address} is already used by listener {:?}", other.name),

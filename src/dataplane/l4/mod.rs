@@ -14,6 +14,7 @@ pub mod copy;
 pub mod proxy_protocol;
 pub mod sni;
 pub mod tcp;
+pub mod udp;
 pub mod udp_flows;
 
 pub use client::client_address;
