@@ -665,3 +665,209 @@ async fn udp_flows_idle_out_and_the_cap_holds_under_a_flood_of_source_ports() {
     assert_eq!(ask(&late, addr, "late").await.as_deref(), Some("e:late"));
     r.stop().await;
 }
+
+/// A PROXY v2 header for a TCP/IPv4 connection from `src` to `dst`, written out by hand.
+fn v2_header(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&src.0);
+    h.extend_from_slice(&dst.0);
+    h.extend_from_slice(&src.1.to_be_bytes());
+    h.extend_from_slice(&dst.1.to_be_bytes());
+    h
+}
+
+/// Sends `prefix` and then a GET; the whole answer, or "" when the router closed at once.
+async fn http_after(addr: SocketAddr, prefix: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut out = prefix.to_vec();
+    out.extend_from_slice(b"GET /pp HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(&out).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+fn http_with_proxy_protocol(backend: &common::Backend, trusted: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "web"
+address = "127.0.0.1:0"
+protocol = "http"
+proxy_protocol = {{ trusted = [{trusted}] }}
+[admin]
+address = "127.0.0.1:0"
+[locality]
+region = "r1"
+zone = "r1a"
+[[cluster]]
+name = "api"
+[cluster.health_check]
+path = "/healthz"
+interval = "200ms"
+{}
+[[route]]
+cluster = "api"
+"#,
+        common::endpoint(backend, "r1", "r1a")
+    )
+}
+
+fn forwarded_for(b: &common::Backend) -> String {
+    b.ctl
+        .last_headers
+        .lock()
+        .ok()
+        .and_then(|h| {
+            h.as_ref()?
+                .get("x-forwarded-for")?
+                .to_str()
+                .ok()
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_trusted_sources_gives_the_client_address() {
+    let b = common::Backend::start("a", 0).await;
+    let r = TestRouter::start(&http_with_proxy_protocol(&b, "\"127.0.0.0/8\", \"::1\"")).await;
+    r.wait_all_healthy().await;
+    let addr = r.router.listener_addr("web").expect("web");
+
+    let ans = http_after(addr, b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n").await;
+    assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+    assert_eq!(forwarded_for(&b), "203.0.113.7");
+
+    let ans = http_after(
+        addr,
+        &v2_header(([198, 51, 100, 9], 5555), ([127, 0, 0, 1], 80)),
+    )
+    .await;
+    assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+    assert_eq!(forwarded_for(&b), "198.51.100.9");
+
+    // Trusted sources must send a header; bad and cut-short headers close the connection.
+    let hits = b.ctl.hits();
+    for bad in [
+        &b""[..],
+        b"PROXY TCP4 203.0.113.7\r\n",
+        b"PROXY TCP4 not.an.ip 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 40000",
+        &v2_header(([1, 2, 3, 4], 1), ([5, 6, 7, 8], 2))[..20],
+    ] {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut out = bad.to_vec();
+        if !bad.is_empty() && bad.ends_with(b"\r\n") {
+            out.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
+        let _ = s.write_all(&out).await;
+        if bad.is_empty() || !bad.ends_with(b"\r\n") {
+            // A truncated header: the client stops sending; the router gives up and closes.
+            let _ = s.shutdown().await;
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut answer)).await;
+        assert!(
+            answer.is_empty(),
+            "{:?}: {}",
+            String::from_utf8_lossy(bad),
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(b.ctl.hits(), hits, "nothing reached the upstream");
+    assert!(
+        metric(
+            &r,
+            "edge_router_l4_rejected_total",
+            &["listener=\"web\"", "proxy_protocol"]
+        )
+        .await
+            >= 5.0
+    );
+    // ...and the router keeps serving.
+    let ans = http_after(addr, b"PROXY TCP4 203.0.113.8 127.0.0.1 40000 80\r\n").await;
+    assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+    assert_eq!(forwarded_for(&b), "203.0.113.8");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_untrusted_sources_is_refused() {
+    let b = common::Backend::start("a", 0).await;
+    let r = TestRouter::start(&http_with_proxy_protocol(&b, "\"10.0.0.0/8\"")).await;
+    r.wait_all_healthy().await;
+    let addr = r.router.listener_addr("web").expect("web");
+    let ans = http_after(addr, b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n").await;
+    assert!(ans.is_empty(), "{ans}");
+    let ans = http_after(
+        addr,
+        &v2_header(([198, 51, 100, 9], 5555), ([127, 0, 0, 1], 80)),
+    )
+    .await;
+    assert!(ans.is_empty(), "{ans}");
+    assert!(
+        metric(
+            &r,
+            "edge_router_l4_rejected_total",
+            &["reason=\"proxy_protocol_untrusted\""]
+        )
+        .await
+            >= 2.0
+    );
+    // Without a header it is served with its own address.
+    let ans = http_after(addr, b"").await;
+    assert!(ans.starts_with("HTTP/1.1 200"), "{ans}");
+    assert_eq!(forwarded_for(&b), "127.0.0.1");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clusters_send_the_client_address_in_a_proxy_header() {
+    for (version, want_prefix) in [
+        ("v1", &b"PROXY TCP4 127.0.0.1 127.0.0.1 "[..]),
+        ("v2", b"\r\n\r\n\0\r\nQUIT\n"),
+    ] {
+        let echo = Echo::start().await;
+        let r = TestRouter::start(&config(
+            TCP,
+            &format!("send_proxy_protocol = \"{version}\""),
+            &[endpoint(echo.addr, "r1", "r1a")],
+        ))
+        .await;
+        r.wait_all_healthy().await;
+        let addr = r.router.listener_addr("t").expect("tcp listener");
+        let got = round_trip(addr, b"payload").await.expect("round trip");
+        assert!(
+            got.ends_with(b"payloadEND"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        let first = echo
+            .first
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            first.starts_with(want_prefix),
+            "{version}: {:?}",
+            String::from_utf8_lossy(&first)
+        );
+        if version == "v1" {
+            let line = String::from_utf8_lossy(&first);
+            let line = line.lines().next().unwrap_or("");
+            let parts: Vec<&str> = line.split(' ').collect();
+            assert_eq!(parts[2], "127.0.0.1");
+            assert_eq!(parts[5], addr.port().to_string(), "{line}");
+        } else {
+            // Family TCP4, then source 127.0.0.1 and destination the listener's port.
+            assert_eq!(first[13], 0x11);
+            assert_eq!(&first[16..20], &[127, 0, 0, 1]);
+            assert_eq!(u16::from_be_bytes([first[26], first[27]]), addr.port());
+        }
+        r.stop().await;
+    }
+}
