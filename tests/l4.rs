@@ -871,3 +871,50 @@ async fn tcp_clusters_send_the_client_address_in_a_proxy_header() {
         r.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_shutdown_stops_accepting_and_lets_open_connections_finish() {
+    let echo = Echo::start().await;
+    let r = TestRouter::start(&config(
+        &format!("{TCP}drain_timeout = \"10s\"\n"),
+        "",
+        &[endpoint(echo.addr, "r1", "r1a")],
+    ))
+    .await;
+    r.wait_all_healthy().await;
+    let addr = r.router.listener_addr("t").expect("tcp listener");
+    let mut open = TcpStream::connect(addr).await.expect("connect");
+    open.write_all(b"before").await.expect("write");
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.expect("echo");
+
+    let router = r.router.clone();
+    let stopped = tokio::spawn(r.stop());
+    wait_until(
+        "the listener stops accepting",
+        Duration::from_secs(10),
+        || async { TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
+    assert!(
+        !stopped.is_finished(),
+        "the open connection holds the drain"
+    );
+    // The open connection still works, and ends normally.
+    open.write_all(b"during")
+        .await
+        .expect("write while draining");
+    open.read_exact(&mut buf)
+        .await
+        .expect("echo while draining");
+    assert_eq!(&buf, b"during");
+    open.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.expect("read the end");
+    assert_eq!(rest, b"END");
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("drained once the connection ended")
+        .expect("stop");
+    drop(router);
+}

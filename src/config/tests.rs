@@ -170,15 +170,21 @@ default_cluster = "db"
 name = "dns"
 address = "127.0.0.1:5353"
 protocol = "udp"
-cluster = "db"
+cluster = "api"
 flow_idle_timeout = "10s"
 {BASE}
+[[cluster]]
+name = "api"
+[[cluster.endpoint]]
+address = "127.0.0.1:9001"
+region = "us-east-1"
+zone = "us-east-1a"
 [[route]]
 listener = "web"
 redirect = {{ scheme = "https", code = 308 }}
 [[route]]
 listener = ["web-tls"]
-cluster = "db"
+cluster = "api"
 "#
     );
     let c = parse("edge.toml", &text, &no_env).expect("valid");
@@ -302,6 +308,17 @@ fn listener_errors_name_the_key() {
     ));
     assert!(
         e.contains("cluster \"db\": send_proxy_protocol: \"v3\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn send_proxy_protocol_is_refused_where_it_is_not_sent() {
+    let text =
+        format!("[listener]\naddress = \"127.0.0.1:8080\"\n{BASE}\n[[route]]\ncluster = \"db\"\n");
+    let e = parse_err(&text);
+    assert!(
+        e.contains("cluster \"db\": send_proxy_protocol: is sent on tcp and tls_passthrough connections only; this cluster is used by an http route"),
         "{e}"
     );
 }

@@ -367,6 +367,23 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         });
     }
 
+    // PROXY headers go out on tcp and tls_passthrough connections only.
+    for c in clusters.iter().filter(|c| c.send_proxy_protocol.is_some()) {
+        let by_route = routes.iter().any(|r| r.cluster() == Some(c.name.as_str()));
+        let by_udp = listeners
+            .iter()
+            .any(|l| matches!(&l.protocol, Protocol::Udp { cluster, .. } if cluster == &c.name));
+        if by_route || by_udp {
+            return Err(v.err(
+                format!("cluster {:?}: send_proxy_protocol", c.name),
+                format!(
+                    "is sent on tcp and tls_passthrough connections only; this cluster is used by {}",
+                    if by_route { "an http route" } else { "a udp listener" }
+                ),
+            ));
+        }
+    }
+
     Ok(Config {
         source: file.to_string(),
         listener,
