@@ -322,3 +322,21 @@ fn send_proxy_protocol_is_refused_where_it_is_not_sent() {
         "{e}"
     );
 }
+
+#[test]
+fn the_example_files_parse() {
+    for (name, text) in [
+        (
+            "edge-router.toml",
+            include_str!("../../config/edge-router.toml"),
+        ),
+        (
+            "global-accelerator.toml",
+            include_str!("../../config/global-accelerator.toml"),
+        ),
+    ] {
+        if let Err(e) = parse(name, text, &no_env) {
+            panic!("{e}");
+        }
+    }
+}
