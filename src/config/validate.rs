@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
 mod listeners;
+mod routes;
 pub use listeners::DEFAULT_NAME as DEFAULT_LISTENER_NAME;
+use routes::{host_match, redirect};
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -324,10 +326,7 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         let action = match (r.cluster, r.redirect) {
             (Some(c), None) => {
                 if !names.contains(&c) {
-                    return Err(v.err(
-                        format!("{p}: cluster"),
-                        format!("cluster {c:?} is not defined"),
-                    ));
+                    return Err(v.err(format!("{p}: cluster"), format!("no cluster named {c:?}")));
                 }
                 RouteAction::Cluster(c)
             }
@@ -394,49 +393,6 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         dns,
         clusters,
         routes,
-    })
-}
-
-/// An exact host, or `*.example.com` (stored as the suffix `.example.com`).
-fn host_match(h: &str) -> Result<HostMatch, String> {
-    let h = h.to_ascii_lowercase();
-    if let Some(suffix) = h.strip_prefix("*.") {
-        if !valid_dns_name(suffix) {
-            return Err(format!("{h:?} is not a valid host pattern"));
-        }
-        Ok(HostMatch::Suffix(format!(".{suffix}")))
-    } else if valid_dns_name(&h) || h.parse::<IpAddr>().is_ok() {
-        Ok(HostMatch::Exact(h))
-    } else {
-        Err(format!(
-            "{h:?} is not a host name (exact, or \"*.example.com\")"
-        ))
-    }
-}
-
-fn redirect(v: &V, p: &str, r: raw::Redirect) -> Result<Redirect, ConfigError> {
-    let scheme = r.scheme.unwrap_or_else(|| "https".to_string());
-    if scheme != "http" && scheme != "https" {
-        return Err(v.err(
-            format!("{p}: redirect.scheme"),
-            format!("{scheme:?} is not \"http\" or \"https\""),
-        ));
-    }
-    let code = r.code.unwrap_or(301);
-    if ![301, 302, 303, 307, 308].contains(&code) {
-        return Err(v.err(
-            format!("{p}: redirect.code"),
-            format!("{code} is not a redirect status (301, 302, 303, 307 or 308)"),
-        ));
-    }
-    let port = match r.port {
-        None => None,
-        Some(n) => Some(v.int(&format!("{p}: redirect.port"), Some(n), 0, 1, 65_535)? as u16),
-    };
-    Ok(Redirect {
-        scheme,
-        code: code as u16,
-        port,
     })
 }
 
