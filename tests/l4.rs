@@ -918,3 +918,52 @@ async fn tcp_shutdown_stops_accepting_and_lets_open_connections_finish() {
         .expect("stop");
     drop(router);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_tcp_and_udp_listeners_on_one_port_and_removes_them() {
+    let echo = Echo::start().await;
+    let base = config(TCP, "", &[endpoint(echo.addr, "r1", "r1a")]);
+    let r = TestRouter::start(&base).await;
+    r.wait_all_healthy().await;
+    // A free port for both protocols.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let more = format!(
+        "{TCP}[[listener]]\nname = \"t2\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"tcp\"\ncluster = \"c\"\n\
+         [[listener]]\nname = \"u2\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"udp\"\ncluster = \"c\"\n"
+    );
+    // The first listener keeps its kernel-picked port: write it into the file.
+    let t = r.router.listener_addr("t").expect("t");
+    let more = more.replacen("127.0.0.1:0", &t.to_string(), 1);
+    r.rewrite_config(&config(&more, "", &[endpoint(echo.addr, "r1", "r1a")]));
+    let rep = post(&r.admin_url("/reload")).await;
+    assert_eq!(rep.status, 200, "{}", rep.body);
+    let t2 = r.router.listener_addr("t2").expect("t2 added");
+    assert_eq!(t2.port(), port);
+    assert!(r.router.listener_addr("u2").is_some());
+    let got = round_trip(t2, b"new")
+        .await
+        .expect("served by the new listener");
+    assert_eq!(got, b"newEND");
+    let got = round_trip(t, b"old")
+        .await
+        .expect("the old one still serves");
+    assert_eq!(got, b"oldEND");
+
+    r.rewrite_config(&base);
+    let rep = post(&r.admin_url("/reload")).await;
+    assert_eq!(rep.status, 200, "{}", rep.body);
+    assert!(r.router.listener_addr("t2").is_none());
+    assert!(r.router.listener_addr("u2").is_none());
+    wait_until(
+        "the removed tcp listener refuses",
+        Duration::from_secs(10),
+        || async { TcpStream::connect(t2).await.is_err() },
+    )
+    .await;
+    r.stop().await;
+}

@@ -54,7 +54,7 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
-    /// The listener's index in the config, for its routes.
+    /// The listener's id ([`crate::config::listener_id`]), for its routes.
     pub listener: u64,
 }
 
