@@ -15,7 +15,9 @@ mod raw;
 mod validate;
 
 use validate::validate;
-pub use validate::{parse_duration, parse_endpoint_address, DEFAULT_ADMIN, DEFAULT_LISTENER};
+pub use validate::{
+    parse_duration, parse_endpoint_address, DEFAULT_ADMIN, DEFAULT_LISTENER, DEFAULT_LISTENER_NAME,
+};
 
 /// One line naming the file, the key path and the problem.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +43,10 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     /// Where the config came from, for messages.
     pub source: String,
+    /// Settings every HTTP listener shares (and the process-wide connection limit and drain).
     pub listener: ListenerConfig,
+    /// Every front door, in file order; never empty.
+    pub listeners: Vec<ListenerSpec>,
     pub admin: AdminConfig,
     pub locality: Locality,
     pub routing: RoutingConfig,
@@ -58,10 +63,10 @@ pub struct DnsConfig {
     pub nameserver: Option<SocketAddr>,
 }
 
+/// Settings shared by every listener: `[listener]` holds them in the short form; with
+/// `[[listener]]` any table may set them, and tables that set the same one must agree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
-    pub address: SocketAddr,
-    pub tls: Option<ListenerTls>,
     pub route_header: bool,
     pub access_log: bool,
     pub max_connections: usize,
@@ -72,6 +77,100 @@ pub struct ListenerConfig {
     pub max_concurrent_streams: u32,
     /// Which HTTP/1.1 implementation serves plain-TCP clients.
     pub http1_engine: Http1Engine,
+}
+
+/// One front door (`[[listener]]`, or the `[listener]` short form, named "default").
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+    /// Sources that must (and alone may) open with a PROXY v1/v2 header.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
+}
+
+impl ListenerSpec {
+    /// See [`listener_id`].
+    pub fn id(&self) -> u64 {
+        listener_id(&self.name)
+    }
+}
+
+/// A listener's identity on the request path: a hash of its name, so it is `Copy`, cheap to
+/// compare, and the same across reloads whatever the order of the listener tables.
+pub fn listener_id(name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Protocol {
+    Http,
+    Https(ListenerTls),
+    Tcp {
+        cluster: String,
+        idle_timeout: Duration,
+    },
+    TlsPassthrough {
+        sni: Vec<SniRoute>,
+        default_cluster: Option<String>,
+        idle_timeout: Duration,
+    },
+    Udp {
+        cluster: String,
+        flow_idle_timeout: Duration,
+        max_flows: usize,
+    },
+}
+
+impl Protocol {
+    /// The `protocol` key's value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Https(_) => "https",
+            Protocol::Tcp { .. } => "tcp",
+            Protocol::TlsPassthrough { .. } => "tls_passthrough",
+            Protocol::Udp { .. } => "udp",
+        }
+    }
+
+    pub fn is_http(&self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https(_))
+    }
+
+    /// The clusters this listener sends traffic to directly (layer 4).
+    pub fn clusters(&self) -> Vec<&str> {
+        match self {
+            Protocol::Http | Protocol::Https(_) => Vec::new(),
+            Protocol::Tcp { cluster, .. } | Protocol::Udp { cluster, .. } => vec![cluster],
+            Protocol::TlsPassthrough {
+                sni,
+                default_cluster,
+                ..
+            } => sni
+                .iter()
+                .map(|r| r.cluster.as_str())
+                .chain(default_cluster.as_deref())
+                .collect(),
+        }
+    }
+}
+
+/// One `sni` entry of a tls_passthrough listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SniRoute {
+    pub host: HostMatch,
+    pub cluster: String,
+}
+
+/// `send_proxy_protocol` of a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
 }
 
 /// `listener.http1_engine`: the native path (src/h1) by default; `hyper` serves every
@@ -183,6 +282,7 @@ pub struct ClusterConfig {
     pub outlier: OutlierConfig,
     pub retry: RetryConfig,
     pub hedge: HedgeConfig,
+    pub send_proxy_protocol: Option<ProxyVersion>,
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -190,6 +290,8 @@ pub struct ClusterConfig {
 pub struct HealthCheckConfig {
     /// HTTP GET of this path; `None` means a TCP connect check.
     pub path: Option<String>,
+    /// Probe this port instead of the endpoint's own.
+    pub port: Option<u16>,
     pub interval: Duration,
     pub timeout: Duration,
     pub healthy_threshold: u32,
@@ -255,16 +357,40 @@ pub enum HostMatch {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
+    /// The listeners the route belongs to; empty: every http and https listener.
+    pub listeners: Vec<String>,
     pub host: Option<HostMatch>,
     pub path_prefix: String,
-    pub cluster: String,
+    pub action: RouteAction,
     pub timeout: Duration,
     /// Per-route override of the cluster's hedging switch.
     pub hedge: Option<bool>,
 }
 
-// ---------------------------------------------------------------------------------------------
-// Raw, as written in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteAction {
+    /// Forward to this cluster.
+    Cluster(String),
+    Redirect(Redirect),
+}
+
+/// `redirect = { scheme, code, port }`: answered by the router, never forwarded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    pub scheme: String,
+    pub code: u16,
+    pub port: Option<u16>,
+}
+
+impl RouteConfig {
+    /// The cluster a forwarding route sends to.
+    pub fn cluster(&self) -> Option<&str> {
+        match &self.action {
+            RouteAction::Cluster(c) => Some(c),
+            RouteAction::Redirect(_) => None,
+        }
+    }
+}
 
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
@@ -378,14 +504,20 @@ impl Config {
                     .map(|e| (e.region.as_str(), e.zone.as_str()))
             })
             .collect();
+        let listeners: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|l| format!("{} {} {}", l.name, l.protocol.as_str(), l.address))
+            .collect();
         format!(
-            "{}: ok: {} cluster(s), {} endpoint(s) in {} zone(s), {} route(s); listener {}, admin {}, locality {}/{}",
+            "{}: ok: {} cluster(s), {} endpoint(s) in {} zone(s), {} route(s); {} listener(s) ({}), admin {}, locality {}/{}",
             self.source,
             self.clusters.len(),
             endpoints,
             zones.len(),
             self.routes.len(),
-            self.listener.address,
+            self.listeners.len(),
+            listeners.join(", "),
             self.admin.address,
             self.locality.region,
             self.locality.zone

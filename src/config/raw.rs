@@ -7,7 +7,9 @@ use serde::Deserialize;
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct File {
-    pub listener: Option<Listener>,
+    /// `[listener]` (one table, the short form) or `[[listener]]` (several); read as a
+    /// value first so either shape gets errors that name its key.
+    pub listener: Option<toml::Value>,
     pub admin: Option<Admin>,
     pub locality: Option<Locality>,
     pub routing: Option<Routing>,
@@ -21,8 +23,16 @@ pub struct File {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
+    pub name: Option<String>,
     pub address: Option<String>,
+    pub protocol: Option<String>,
     pub tls: Option<Tls>,
+    pub cluster: Option<String>,
+    pub sni: Option<Vec<SniRoute>>,
+    pub default_cluster: Option<String>,
+    pub flow_idle_timeout: Option<String>,
+    pub max_flows: Option<i64>,
+    pub proxy_protocol: Option<ProxyProtocol>,
     pub route_header: Option<bool>,
     pub access_log: Option<bool>,
     pub max_connections: Option<i64>,
@@ -32,6 +42,19 @@ pub struct Listener {
     pub drain_timeout: Option<String>,
     pub max_concurrent_streams: Option<i64>,
     pub http1_engine: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRoute {
+    pub host: String,
+    pub cluster: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocol {
+    pub trusted: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +136,7 @@ pub struct Cluster {
     pub outlier: Option<Outlier>,
     pub retry: Option<Retry>,
     pub hedge: Option<Hedge>,
+    pub send_proxy_protocol: Option<String>,
     #[serde(default)]
     pub endpoint: Vec<Endpoint>,
 }
@@ -121,6 +145,7 @@ pub struct Cluster {
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub path: Option<String>,
+    pub port: Option<i64>,
     pub interval: Option<String>,
     pub timeout: Option<String>,
     pub healthy_threshold: Option<i64>,
@@ -165,9 +190,26 @@ pub struct Endpoint {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    pub listener: Option<OneOrMany>,
     pub host: Option<String>,
     pub path_prefix: Option<String>,
-    pub cluster: String,
+    pub cluster: Option<String>,
+    pub redirect: Option<Redirect>,
     pub timeout: Option<String>,
     pub hedge: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub code: Option<i64>,
+    pub port: Option<i64>,
 }

@@ -139,3 +139,221 @@ fn routing_margins() {
         "{e}"
     );
 }
+
+const BASE: &str = r#"
+[locality]
+region = "us-east-1"
+zone = "us-east-1a"
+[[cluster]]
+name = "db"
+send_proxy_protocol = "v2"
+[cluster.health_check]
+port = 9100
+[[cluster.endpoint]]
+address = "127.0.0.1:5432"
+region = "us-east-1"
+zone = "us-east-1a"
+"#;
+
+#[test]
+fn several_listeners_of_every_protocol() {
+    let text = format!(
+        r#"
+[[listener]]
+name = "web"
+address = "127.0.0.1:8080"
+protocol = "http"
+proxy_protocol = {{ trusted = ["10.0.0.0/8", "127.0.0.1"] }}
+access_log = false
+[[listener]]
+name = "web-tls"
+address = "127.0.0.1:8443"
+protocol = "https"
+tls = {{ cert = "a.pem", key = "a.key" }}
+access_log = false
+[[listener]]
+name = "db"
+address = "127.0.0.1:5433"
+protocol = "tcp"
+cluster = "db"
+idle_timeout = "5m"
+[[listener]]
+name = "pass"
+address = "127.0.0.1:9443"
+protocol = "tls_passthrough"
+sni = [ {{ host = "a.example.com", cluster = "db" }}, {{ host = "*.example.com", cluster = "db" }} ]
+default_cluster = "db"
+[[listener]]
+name = "dns"
+address = "127.0.0.1:5353"
+protocol = "udp"
+cluster = "api"
+flow_idle_timeout = "10s"
+{BASE}
+[[cluster]]
+name = "api"
+[[cluster.endpoint]]
+address = "127.0.0.1:9001"
+region = "us-east-1"
+zone = "us-east-1a"
+[[route]]
+listener = "web"
+redirect = {{ scheme = "https", code = 308 }}
+[[route]]
+listener = ["web-tls"]
+cluster = "api"
+"#
+    );
+    let c = parse("edge.toml", &text, &no_env).expect("valid");
+    assert_eq!(c.listeners.len(), 5);
+    assert!(!c.listener.access_log);
+    assert_eq!(
+        c.listeners[0].proxy_protocol.as_ref().map(Vec::len),
+        Some(2)
+    );
+    assert!(matches!(
+        c.listeners[4].protocol,
+        Protocol::Udp {
+            max_flows: 10_000,
+            ..
+        }
+    ));
+    assert_eq!(c.clusters[0].send_proxy_protocol, Some(ProxyVersion::V2));
+    assert_eq!(c.clusters[0].health_check.port, Some(9100));
+    assert!(matches!(
+        &c.routes[0].action,
+        RouteAction::Redirect(Redirect {
+            code: 308,
+            port: None,
+            ..
+        })
+    ));
+    assert_eq!(c.routes[1].listeners, vec!["web-tls".to_string()]);
+    assert!(c.summary().contains("5 listener(s)"), "{}", c.summary());
+}
+
+#[test]
+fn routes_may_be_absent_without_an_http_listener() {
+    let text = format!(
+        "[listener]\nname = \"db\"\naddress = \"127.0.0.1:5433\"\nprotocol = \"tcp\"\ncluster = \"db\"\n{BASE}"
+    );
+    let c = parse("edge.toml", &text, &no_env).expect("valid");
+    assert!(c.routes.is_empty());
+    assert_eq!(c.listeners[0].name, "db");
+}
+
+#[test]
+fn listener_errors_name_the_key() {
+    let l4 = |body: &str| format!("[[listener]]\n{body}\n{BASE}");
+    let cases = [
+        (
+            l4("name = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"x\""),
+            "listener \"db\": cluster: cluster \"x\" is not defined",
+        ),
+        (
+            l4("name = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\""),
+            "listener \"db\": cluster: missing",
+        ),
+        (
+            l4("name = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"sctp\""),
+            "listener \"db\": protocol: \"sctp\" is not one of",
+        ),
+        (
+            l4("name = \"u\"\naddress = \"127.0.0.1:1\"\nprotocol = \"udp\"\ncluster = \"db\"\nmax_flows = 0"),
+            "listener \"u\": max_flows: 0 is out of range",
+        ),
+        (
+            l4("name = \"p\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tls_passthrough\"\nsni = [{ host = \"a..b\", cluster = \"db\" }]"),
+            "listener \"p\": sni 1: host:",
+        ),
+        (
+            l4("name = \"p\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"db\"\nproxy_protocol = { trusted = [\"10.0.0.0/33\"] }"),
+            "listener \"p\": proxy_protocol.trusted 1:",
+        ),
+        (
+            l4("name = \"w\"\naddress = \"127.0.0.1:1\"\nprotocol = \"https\""),
+            "listener \"w\": tls: missing",
+        ),
+        (
+            l4("name = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"db\"\nroute_header = true"),
+            "listener \"db\": route_header: applies to http and https listeners",
+        ),
+        (
+            l4("address = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"db\""),
+            "listener 1: name: missing",
+        ),
+        (
+            l4("name = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"db\"\nbogus = 1"),
+            "listener 1: bogus: unknown field `bogus`",
+        ),
+        (
+            l4("name = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"db\"\n[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\nprotocol = \"tcp\"\ncluster = \"db\""),
+            "listener \"a\": name: duplicate listener name",
+        ),
+        (
+            l4("name = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\"\naccess_log = true\n[[listener]]\nname = \"b\"\naddress = \"127.0.0.1:2\"\naccess_log = false"),
+            "listener \"b\": access_log: differs from listener \"a\"",
+        ),
+        (
+            l4("name = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\"\n[[route]]\nlistener = \"nope\"\ncluster = \"db\""),
+            "route 1: listener: listener \"nope\" is not defined",
+        ),
+        (
+            l4("name = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\"\n[[route]]\nredirect = { code = 200 }"),
+            "route 1: redirect.code: 200 is not a redirect status",
+        ),
+        (
+            l4("name = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\"\n[[route]]\ncluster = \"db\"\nredirect = {}"),
+            "route 1: a route either names a cluster or redirects",
+        ),
+        (
+            l4("name = \"a\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\""),
+            "route: at least one [[route]] is needed",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = parse_err(&text);
+        assert!(e.contains(want), "want {want:?} in {e:?}");
+        assert!(e.starts_with("edge.toml: "), "{e}");
+    }
+    let bad = BASE.replace(
+        "send_proxy_protocol = \"v2\"",
+        "send_proxy_protocol = \"v3\"",
+    );
+    let e = parse_err(&format!(
+        "[listener]\nprotocol = \"tcp\"\ncluster = \"db\"\n{bad}"
+    ));
+    assert!(
+        e.contains("cluster \"db\": send_proxy_protocol: \"v3\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn send_proxy_protocol_is_refused_where_it_is_not_sent() {
+    let text =
+        format!("[listener]\naddress = \"127.0.0.1:8080\"\n{BASE}\n[[route]]\ncluster = \"db\"\n");
+    let e = parse_err(&text);
+    assert!(
+        e.contains("cluster \"db\": send_proxy_protocol: is sent on tcp and tls_passthrough connections only; this cluster is used by an http route"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_example_files_parse() {
+    for (name, text) in [
+        (
+            "edge-router.toml",
+            include_str!("../../config/edge-router.toml"),
+        ),
+        (
+            "global-accelerator.toml",
+            include_str!("../../config/global-accelerator.toml"),
+        ),
+    ] {
+        if let Err(e) = parse(name, text, &no_env) {
+            panic!("{e}");
+        }
+    }
+}

@@ -4,6 +4,11 @@ use super::*;
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
+mod listeners;
+mod routes;
+pub use listeners::DEFAULT_NAME as DEFAULT_LISTENER_NAME;
+use routes::{host_match, redirect};
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -177,72 +182,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
     let v = V { file };
 
-    let rl = raw.listener.unwrap_or_default();
-    let address = parse_listen_address(rl.address.as_deref().unwrap_or(DEFAULT_LISTENER))
-        .map_err(|p| v.err("listener.address", p))?;
-    let tls = rl.tls.map(|t| {
-        let mut certificates = vec![CertFiles {
-            cert: PathBuf::from(t.cert),
-            key: PathBuf::from(t.key),
-        }];
-        certificates.extend(t.sni.into_iter().map(|p| CertFiles {
-            cert: PathBuf::from(p.cert),
-            key: PathBuf::from(p.key),
-        }));
-        ListenerTls { certificates }
-    });
-    let listener = ListenerConfig {
-        address,
-        tls,
-        route_header: rl.route_header.unwrap_or(false),
-        access_log: rl.access_log.unwrap_or(true),
-        max_connections: v.int(
-            "listener.max_connections",
-            rl.max_connections,
-            10_000,
-            1,
-            1_000_000,
-        )? as usize,
-        header_read_timeout: v.positive_duration(
-            "listener.header_read_timeout",
-            rl.header_read_timeout.as_ref(),
-            Duration::from_secs(10),
-        )?,
-        max_header_bytes: v.int(
-            "listener.max_header_bytes",
-            rl.max_header_bytes,
-            64 * 1024,
-            8192,
-            1 << 20,
-        )? as usize,
-        idle_timeout: v.positive_duration(
-            "listener.idle_timeout",
-            rl.idle_timeout.as_ref(),
-            Duration::from_secs(60),
-        )?,
-        drain_timeout: v.duration(
-            "listener.drain_timeout",
-            rl.drain_timeout.as_ref(),
-            Duration::from_secs(30),
-        )?,
-        max_concurrent_streams: v.int(
-            "listener.max_concurrent_streams",
-            rl.max_concurrent_streams,
-            256,
-            1,
-            65_535,
-        )? as u32,
-        http1_engine: match rl.http1_engine.as_deref() {
-            None | Some("native") => Http1Engine::Native,
-            Some("hyper") => Http1Engine::Hyper,
-            Some(other) => {
-                return Err(v.err(
-                    "listener.http1_engine",
-                    format!("\"{other}\" is not an engine (expected \"native\" or \"hyper\")"),
-                ))
-            }
-        },
-    };
+    let (listener, listeners) = listeners::validate_listeners(&v, raw.listener)?;
 
     let admin_addr = raw
         .admin
@@ -252,8 +192,14 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
     let admin = AdminConfig {
         address: parse_listen_address(&admin_addr).map_err(|p| v.err("admin.address", p))?,
     };
-    if admin.address == listener.address && admin.address.port() != 0 {
-        return Err(v.err("admin.address", "must differ from listener.address"));
+    if let Some(l) = listeners
+        .iter()
+        .find(|l| l.address == admin.address && admin.address.port() != 0)
+    {
+        return Err(v.err(
+            "admin.address",
+            format!("must differ from the address of listener {:?}", l.name),
+        ));
     }
 
     let locality = match raw.locality {
@@ -338,18 +284,68 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         clusters.push(validate_cluster(&v, &p, c)?);
     }
 
-    if raw.route.is_empty() {
-        return Err(v.err("route", "at least one [[route]] is needed"));
+    listeners::check_listener_clusters(&v, &listeners, &names)?;
+    let any_http = listeners.iter().any(|l| l.protocol.is_http());
+    if raw.route.is_empty() && any_http {
+        return Err(v.err(
+            "route",
+            "at least one [[route]] is needed for the http/https listener(s)",
+        ));
     }
     let mut routes = Vec::with_capacity(raw.route.len());
     for (ri, r) in raw.route.into_iter().enumerate() {
         let p = format!("route {}", ri + 1);
-        if !names.contains(&r.cluster) {
-            return Err(v.err(
-                format!("{p}: cluster"),
-                format!("no cluster named {:?}", r.cluster),
-            ));
+        let named = match r.listener {
+            None => Vec::new(),
+            Some(raw::OneOrMany::One(n)) => vec![n],
+            Some(raw::OneOrMany::Many(ns)) => {
+                if ns.is_empty() {
+                    return Err(v.err(format!("{p}: listener"), "an empty list matches nothing"));
+                }
+                ns
+            }
+        };
+        for n in &named {
+            match listeners.iter().find(|l| &l.name == n) {
+                None => {
+                    return Err(v.err(
+                        format!("{p}: listener"),
+                        format!("listener {n:?} is not defined"),
+                    ))
+                }
+                Some(l) if !l.protocol.is_http() => {
+                    return Err(v.err(
+                        format!("{p}: listener"),
+                        format!(
+                            "listener {n:?} is a {} listener; routes belong to http and https listeners",
+                            l.protocol.as_str()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
         }
+        if !any_http {
+            return Err(v.err(&p, "there is no http or https listener for this route"));
+        }
+        let action = match (r.cluster, r.redirect) {
+            (Some(c), None) => {
+                if !names.contains(&c) {
+                    return Err(v.err(format!("{p}: cluster"), format!("no cluster named {c:?}")));
+                }
+                RouteAction::Cluster(c)
+            }
+            (None, Some(rd)) => RouteAction::Redirect(redirect(&v, &p, rd)?),
+            (Some(_), Some(_)) => {
+                return Err(v.err(&p, "a route either names a cluster or redirects, not both"))
+            }
+            (None, None) => {
+                return Err(v.err(
+                    format!("{p}: cluster"),
+                    "missing: a route names a cluster or has a redirect",
+                ))
+            }
+        };
         let path_prefix = r.path_prefix.unwrap_or_else(|| "/".to_string());
         if !path_prefix.starts_with('/') {
             return Err(v.err(
@@ -359,30 +355,13 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         }
         let host = match r.host {
             None => None,
-            Some(h) => {
-                let h = h.to_ascii_lowercase();
-                if let Some(suffix) = h.strip_prefix("*.") {
-                    if !valid_dns_name(suffix) {
-                        return Err(v.err(
-                            format!("{p}: host"),
-                            format!("{h:?} is not a valid host pattern"),
-                        ));
-                    }
-                    Some(HostMatch::Suffix(format!(".{suffix}")))
-                } else if valid_dns_name(&h) || h.parse::<IpAddr>().is_ok() {
-                    Some(HostMatch::Exact(h))
-                } else {
-                    return Err(v.err(
-                        format!("{p}: host"),
-                        format!("{h:?} is not a host name (exact, or \"*.example.com\")"),
-                    ));
-                }
-            }
+            Some(h) => Some(host_match(&h).map_err(|pr| v.err(format!("{p}: host"), pr))?),
         };
         routes.push(RouteConfig {
+            listeners: named,
             host,
             path_prefix,
-            cluster: r.cluster,
+            action,
             timeout: v.positive_duration(
                 &format!("{p}: timeout"),
                 r.timeout.as_ref(),
@@ -392,9 +371,27 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         });
     }
 
+    // PROXY headers go out on tcp and tls_passthrough connections only.
+    for c in clusters.iter().filter(|c| c.send_proxy_protocol.is_some()) {
+        let by_route = routes.iter().any(|r| r.cluster() == Some(c.name.as_str()));
+        let by_udp = listeners
+            .iter()
+            .any(|l| matches!(&l.protocol, Protocol::Udp { cluster, .. } if cluster == &c.name));
+        if by_route || by_udp {
+            return Err(v.err(
+                format!("cluster {:?}: send_proxy_protocol", c.name),
+                format!(
+                    "is sent on tcp and tls_passthrough connections only; this cluster is used by {}",
+                    if by_route { "an http route" } else { "a udp listener" }
+                ),
+            ));
+        }
+    }
+
     Ok(Config {
         source: file.to_string(),
         listener,
+        listeners,
         admin,
         locality,
         routing,
@@ -450,6 +447,10 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
     };
     let health_check = HealthCheckConfig {
         path,
+        port: match hc.port {
+            None => None,
+            Some(n) => Some(v.int(&format!("{hp}.port"), Some(n), 0, 1, 65_535)? as u16),
+        },
         interval: v.positive_duration(
             &format!("{hp}.interval"),
             hc.interval.as_ref(),
@@ -659,6 +660,17 @@ fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, Co
         outlier,
         retry,
         hedge,
+        send_proxy_protocol: match c.send_proxy_protocol.as_deref() {
+            None => None,
+            Some("v1") => Some(ProxyVersion::V1),
+            Some("v2") => Some(ProxyVersion::V2),
+            Some(other) => {
+                return Err(v.err(
+                    format!("{p}: send_proxy_protocol"),
+                    format!("{other:?} is not \"v1\" or \"v2\""),
+                ))
+            }
+        },
         endpoints,
     })
 }

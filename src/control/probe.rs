@@ -223,9 +223,15 @@ async fn probe_loop(
     let mut counters = (0u32, 0u32);
     loop {
         let started = Instant::now();
+        // health_check.port: the endpoint's health is served elsewhere (a udp service with
+        // a tcp health port, a sidecar).
+        let target = match hc.port {
+            Some(port) => SocketAddr::new(ep.addr.ip(), port),
+            None => ep.addr,
+        };
         let result = match &hc.path {
-            Some(path) => probe_http(&client, &ep, path, hc.timeout, tls).await,
-            None => probe_tcp(ep.addr, hc.timeout).await,
+            Some(path) => probe_http(&client, target, path, hc.timeout, tls).await,
+            None => probe_tcp(target, hc.timeout).await,
         };
         let rtt = started.elapsed();
         ep.metrics.probe_duration.observe(rtt.as_secs_f64());
@@ -284,13 +290,13 @@ async fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError
 
 async fn probe_http(
     client: &Client<Connector, Empty<Bytes>>,
-    ep: &EndpointState,
+    target: SocketAddr,
     path: &str,
     timeout: Duration,
     tls: bool,
 ) -> Result<(), ProbeError> {
     let scheme = if tls { "https" } else { "http" };
-    let uri = format!("{scheme}://{}{path}", ep.addr);
+    let uri = format!("{scheme}://{target}{path}");
     let req = http::Request::get(uri)
         .header(
             http::header::USER_AGENT,

@@ -26,6 +26,7 @@ pub fn spawn_data_threads(
     shutdown: &watch::Sender<bool>,
     tls: Option<Arc<ReloadableServerTls>>,
     limit: (Arc<Semaphore>, usize),
+    id: u64,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
     let mut threads = Vec::new();
     for (i, l) in std::iter::once(first).chain(more).enumerate() {
@@ -44,7 +45,7 @@ pub fn spawn_data_threads(
                 crate::upstream::set_pool_shard(i + 1);
                 rt.block_on(async move {
                     match TcpListener::from_std(l) {
-                        Ok(l) => serve_data(l, router, shutdown, tls, limit).await,
+                        Ok(l) => serve_data(l, router, shutdown, tls, limit, id).await,
                         Err(e) => error!("data-plane thread {i}: listener: {e}"),
                     }
                 });
@@ -84,14 +85,26 @@ pub async fn bind(addr: SocketAddr, key: &str, reuseport: bool) -> Result<TcpLis
         .map_err(|e| format!("{key} {addr}: cannot listen: {e}"))
 }
 
-/// Serves one listener socket until shutdown, then drains its connections.
+/// Serves one HTTP listener socket until shutdown, then drains its connections. `limit`
+/// is the process-wide connection cap; `id` the listener's [`config::listener_id`].
 pub async fn serve_data(
     listener: TcpListener,
     router: Arc<Control>,
     mut shutdown: watch::Receiver<bool>,
     tls: Option<Arc<ReloadableServerTls>>,
     (limit, max): (Arc<Semaphore>, usize),
+    id: u64,
 ) {
+    // This listener's own connections, so a listener removed by a reload drains only them.
+    let mine = Arc::new(Semaphore::new(max));
+    let accepted = {
+        let cfg = router.config.load();
+        let spec = cfg.listeners.iter().find(|l| l.id() == id);
+        router.metrics.l4.listener_connections.with_label_values(&[
+            spec.map_or("", |s| s.name.as_str()),
+            spec.map_or("http", |s| s.protocol.as_str()),
+        ])
+    };
     let cfg = router.config.load_full();
     let l = &cfg.listener;
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -113,13 +126,13 @@ pub async fn serve_data(
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     let (signal_tx, _) = watch::channel(conn::Signal::Run);
-    let own = Arc::new(Semaphore::new(max));
     let timeouts = (l.header_read_timeout, l.idle_timeout);
     // Plain-TCP HTTP/1.1 goes the native path unless the config asks for hyper throughout.
     let native = (l.http1_engine == config::Http1Engine::Native).then_some(h1::Limits {
         header_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,
         max_header_bytes: l.max_header_bytes,
+        listener: id,
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -140,9 +153,12 @@ pub async fn serve_data(
             drop(stream);
             continue;
         };
-        // Never short: this listener's connections are a subset of the process's.
-        let own_permit = own.clone().try_acquire_owned().ok();
+        // Never short: it has as many permits as the process-wide limit.
+        let Ok(own) = mine.clone().try_acquire_owned() else {
+            continue;
+        };
         router.metrics.connections_accepted.inc();
+        accepted.inc();
         router.metrics.connections_active.inc();
         let _ = stream.set_nodelay(true);
         let state = router.proxy.clone();
@@ -150,9 +166,38 @@ pub async fn serve_data(
         let builder = builder.clone();
         let tls = tls.clone();
         let signal = signal_tx.subscribe();
+        // Only a listener that takes PROXY headers needs its spec on the connection.
+        let spec = router
+            .config
+            .load()
+            .listeners
+            .iter()
+            .find(|l| l.id() == id && l.proxy_protocol.is_some())
+            .cloned();
+        let handshake = timeouts.0;
         tokio::spawn(async move {
-            let end =
-                serve_connection(stream, peer, state, builder, tls, signal, timeouts, native).await;
+            let mut stream = stream;
+            let peer = match &spec {
+                Some(spec) => {
+                    match crate::dataplane::l4::client_address(&mut stream, peer, spec, handshake)
+                        .await
+                    {
+                        Ok(client) => client,
+                        Err(reason) => {
+                            metrics.l4.reject(&spec.name, reason).inc();
+                            tracing::debug!(%peer, "closed: {reason}");
+                            metrics.connections_active.dec();
+                            drop((permit, own));
+                            return;
+                        }
+                    }
+                }
+                None => peer,
+            };
+            let end = serve_connection(
+                stream, peer, state, builder, tls, signal, timeouts, native, id,
+            )
+            .await;
             if end == conn::End::SlowHead {
                 metrics
                     .errors
@@ -161,24 +206,24 @@ pub async fn serve_data(
                 tracing::debug!(%peer, "request headers too slow: connection closed");
             }
             metrics.connections_active.dec();
-            drop((permit, own_permit));
+            drop((permit, own));
         });
     }
     drop(listener);
     let _ = signal_tx.send(conn::Signal::Drain);
     let drain = router.config.load().listener.drain_timeout;
-    // Every connection holds a permit of `own` until it ends: all of them back means all
+    // Every connection holds a permit of `mine` until it ends: all of them back means all
     // drained. Not the process-wide `limit`: waiting on it would take the permits other
     // listeners' accept loops, not yet stopped, need for the connections they accept.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(drain, own.acquire_many(all)).await;
+    let drained = tokio::time::timeout(drain, mine.acquire_many(all)).await;
     match drained {
         Ok(_) => info!("drained: all connections closed"),
         Err(_) => {
             warn!("drain timeout ({drain:?}) reached; closing remaining connections");
             let _ = signal_tx.send(conn::Signal::Close);
             // Give the connection tasks a moment to close their sockets.
-            let _ = tokio::time::timeout(Duration::from_secs(1), own.acquire_many(all)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), mine.acquire_many(all)).await;
         }
     }
 }
@@ -193,6 +238,7 @@ async fn serve_connection(
     mut signal: watch::Receiver<conn::Signal>,
     (header_timeout, idle_timeout): (Duration, Duration),
     native: Option<h1::Limits>,
+    listener: u64,
 ) -> conn::End {
     let https = tls.is_some();
     let stream = match (&tls, native) {
@@ -206,7 +252,7 @@ async fn serve_connection(
     let act = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = act.begin(req.version());
-        let fut = proxy::handle(state.clone(), req, peer, https);
+        let fut = proxy::handle(state.clone(), req, peer, https, listener);
         async move {
             let resp = fut.await?;
             Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))

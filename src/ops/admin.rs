@@ -134,10 +134,12 @@ async fn handle(
                 router.metrics.render(),
             )
         }
-        (&Method::GET, "/routes") => json_response(
-            StatusCode::OK,
-            &routes_json(&router.table(), &router.history.endpoint_rates()),
-        ),
+        (&Method::GET, "/routes") => {
+            let t = router.table();
+            let mut j = routes_json(&t, &router.history.endpoint_rates());
+            j.listeners = listeners_json(&t, router.listener_addrs());
+            json_response(StatusCode::OK, &j)
+        }
         (&Method::GET, "/history") => match since(req.uri().query()) {
             Ok(since) => json_response(StatusCode::OK, &router.history.json(since)),
             Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain", e),
@@ -219,7 +221,49 @@ struct RoutesJson<'a> {
     rps: Option<f64>,
     table_age_s: f64,
     locality: LocalityJson<'a>,
+    listeners: Vec<ListenerJson<'a>>,
     clusters: Vec<ClusterJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ListenerJson<'a> {
+    name: String,
+    protocol: &'static str,
+    /// Where it really listens.
+    address: String,
+    /// Layer 4: the clusters it sends to; http/https: the routes that belong to it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    clusters: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routes: Option<usize>,
+    proxy_protocol: bool,
+}
+
+/// The running listeners as the table's config describes them.
+fn listeners_json<'t>(
+    t: &'t Table,
+    running: Vec<(String, &'static str, std::net::SocketAddr)>,
+) -> Vec<ListenerJson<'t>> {
+    running
+        .into_iter()
+        .map(|(name, protocol, addr)| {
+            let spec = t.config.listeners.iter().find(|l| l.name == name);
+            let id = crate::config::listener_id(&name);
+            ListenerJson {
+                protocol,
+                address: addr.to_string(),
+                clusters: spec.map(|s| s.protocol.clusters()).unwrap_or_default(),
+                routes: spec.filter(|s| s.protocol.is_http()).map(|_| {
+                    t.routes
+                        .iter()
+                        .filter(|r| r.listeners.is_empty() || r.listeners.contains(&id))
+                        .count()
+                }),
+                proxy_protocol: spec.is_some_and(|s| s.proxy_protocol.is_some()),
+                name,
+            }
+        })
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -417,6 +461,7 @@ fn routes_json<'a>(t: &'a Table, rates: &Rates) -> RoutesJson<'a> {
             region: &t.config.locality.region,
             zone: &t.config.locality.zone,
         },
+        listeners: Vec::new(),
         clusters,
     }
 }

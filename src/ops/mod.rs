@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod demo;
+pub mod doors;
 pub mod history;
 pub mod router;
 pub mod status;

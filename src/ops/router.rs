@@ -15,7 +15,8 @@ use crate::config::{self, Config};
 use crate::control::probe::Health;
 use crate::control::reconcile::{self, publish_zone_shares, Builder};
 use crate::control::{Control, ProxyState, Table};
-use crate::dataplane::listener::{self, bind, spawn_data_threads};
+use crate::dataplane::listener::bind;
+use crate::ops::doors::{self, bind_door, Door};
 use crate::telemetry::{Events, Metrics, Severity};
 use crate::upstream;
 
@@ -30,11 +31,15 @@ pub struct Router {
     pub config_path: Option<PathBuf>,
     pub draining: AtomicBool,
     pub listening: AtomicBool,
-    /// Where the listeners really are (port 0 in config picks a free one).
+    /// Where the first listener really is (port 0 in config picks a free one); every
+    /// listener's address is in [`Router::listener_addrs`].
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    /// The listener's certificates when it terminates TLS; a reload re-reads them.
-    pub tls: Option<Arc<crate::upstream::tls::ReloadableServerTls>>,
+    /// The running listeners, in config order.
+    doors: Mutex<Vec<Door>>,
+    /// The process-wide connection cap every listener takes from.
+    limit: (Arc<Semaphore>, usize),
+    /// Where listeners bound after start-up run (always the shared runtime).
     shutdown_tx: watch::Sender<bool>,
     /// The listening sockets a binary upgrade hands over.
     pub handover: crate::ops::upgrade::Handover,
@@ -94,54 +99,26 @@ pub async fn start_with(
     let events = Arc::new(Events::new());
     let health = Arc::new(Health::new(metrics.clone(), events.clone()));
 
-    let key = "listener.address";
-    let (data_listener, per_core) = match plane {
-        DataPlane::PerCore(n) if n > 1 => {
-            // A plain bind first: it fails while anything holds the address, another
-            // router's SO_REUSEPORT sockets included, which the sockets below would otherwise
-            // silently join (and share its traffic). It also settles the port when the
-            // config says 0.
-            let addr = bind(config.listener.address, key, false)
-                .await
-                .map_err(StartError)?
-                .local_addr()
-                .map_err(|e| StartError(format!("{key}: {e}")))?;
-            let first = bind(addr, key, true).await.map_err(StartError)?;
-            let mut more = Vec::new();
-            for _ in 1..n {
-                more.push(bind(addr, key, true).await.map_err(StartError)?);
-            }
-            (first, Some(more))
-        }
-        _ => (
-            bind(config.listener.address, key, false)
-                .await
-                .map_err(StartError)?,
-            None,
-        ),
-    };
+    let mut bound = Vec::with_capacity(config.listeners.len());
+    for spec in &config.listeners {
+        bound.push(bind_door(&config, spec, plane).await.map_err(StartError)?);
+    }
     let admin_listener = bind(config.admin.address, "admin.address", false)
         .await
         .map_err(StartError)?;
+    // Every listening socket, ready to hand to a new binary (SIGUSR2).
     let handover = crate::ops::upgrade::Handover::default();
-    handover.keep(key, &data_listener, per_core.is_some());
-    for l in per_core.iter().flatten() {
-        handover.keep(key, l, true);
+    for b in &bound {
+        b.hand_over(&config, &handover);
     }
     handover.keep("admin.address", &admin_listener, false);
-    let data_addr = data_listener
-        .local_addr()
-        .map_err(|e| StartError(format!("listener: {e}")))?;
+    let data_addr = bound
+        .first()
+        .map(|b| b.local())
+        .ok_or_else(|| StartError("no listener".into()))?;
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|e| StartError(format!("admin: {e}")))?;
-    let tls = match &config.listener.tls {
-        Some(t) => Some(Arc::new(
-            crate::upstream::tls::ReloadableServerTls::new(&tls_pairs(t))
-                .map_err(|e| StartError(format!("listener.tls: {e}")))?,
-        )),
-        None => None,
-    };
 
     let config = Arc::new(config);
     let mut builder = Builder::new(health.clone(), metrics.clone());
@@ -173,7 +150,12 @@ pub async fn start_with(
         listening: AtomicBool::new(false),
         data_addr,
         admin_addr,
-        tls: tls.clone(),
+        doors: Mutex::new(Vec::new()),
+        limit: {
+            // max_connections holds for the whole process, however many listeners.
+            let max = config.listener.max_connections;
+            (Arc::new(Semaphore::new(max)), max)
+        },
         shutdown_tx,
         handover,
         history: Arc::new(crate::ops::history::History::new()),
@@ -196,33 +178,34 @@ pub async fn start_with(
     metrics.config_last_reload_success.set(unix_now());
     events.push("reload", format!("started with {}", config.summary()));
 
-    // max_connections holds for the whole process, however many listeners.
-    let max = config.listener.max_connections;
-    let limit = (Arc::new(Semaphore::new(max)), max);
-    let data = match per_core {
-        None => tokio::spawn(listener::serve_data(
-            data_listener,
-            control.clone(),
-            router.shutdown_tx.subscribe(),
-            tls,
-            limit,
-        )),
-        Some(more) => {
-            let threads = spawn_data_threads(
-                data_listener,
-                more,
-                &control,
-                &router.shutdown_tx,
-                tls,
-                limit,
-            )
-            .map_err(StartError)?;
-            tokio::spawn(async move {
-                for t in threads {
-                    let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    let mut doors = Vec::with_capacity(bound.len());
+    for b in bound {
+        doors.push(
+            b.start(&control, router.limit.clone())
+                .map_err(StartError)?,
+        );
+    }
+    if let Ok(mut slot) = router.doors.lock() {
+        *slot = doors;
+    }
+    // Ends once every listener has drained after a shutdown.
+    let data = {
+        let router = router.clone();
+        let mut shutdown = router.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            while !*shutdown.borrow_and_update() {
+                if shutdown.changed().await.is_err() {
+                    break;
                 }
-            })
-        }
+            }
+            let tasks: Vec<_> = match router.doors.lock() {
+                Ok(mut d) => d.drain(..).map(Door::into_task).collect(),
+                Err(_) => Vec::new(),
+            };
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
     };
     tokio::spawn(reconcile::run(control.clone(), builder));
     tokio::spawn(crate::ops::history::run(
@@ -240,16 +223,6 @@ pub async fn start_with(
     Ok(Running { router, data })
 }
 
-fn tls_pairs(t: &config::ListenerTls) -> Vec<crate::upstream::tls::CertPair> {
-    t.certificates
-        .iter()
-        .map(|c| crate::upstream::tls::CertPair {
-            cert: c.cert.clone(),
-            key: c.key.clone(),
-        })
-        .collect()
-}
-
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -258,6 +231,25 @@ fn unix_now() -> f64 {
 }
 
 impl Router {
+    /// Every running listener: name, protocol and the address it really listens on.
+    pub fn listener_addrs(&self) -> Vec<(String, &'static str, SocketAddr)> {
+        match self.doors.lock() {
+            Ok(d) => d
+                .iter()
+                .map(|d| (d.spec.name.clone(), d.spec.protocol.as_str(), d.local))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Where the listener of this name really listens.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listener_addrs()
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, a)| a)
+    }
+
     pub fn table(&self) -> Arc<Table> {
         self.control.table()
     }
@@ -309,23 +301,12 @@ impl Router {
         let mut new = config::load(path).map_err(|e| e.to_string())?;
         let old = self.control.config.load_full();
         let mut notes = Vec::new();
-        if new.listener.address != old.listener.address {
-            notes.push(format!(
-                "listener.address {} -> {} needs a restart; still serving on {}",
-                old.listener.address, new.listener.address, old.listener.address
-            ));
-            new.listener.address = old.listener.address;
-        }
         if new.admin.address != old.admin.address {
             notes.push(format!(
                 "admin.address {} -> {} needs a restart; still serving on {}",
                 old.admin.address, new.admin.address, old.admin.address
             ));
             new.admin.address = old.admin.address;
-        }
-        if new.listener.tls.is_some() != old.listener.tls.is_some() {
-            notes.push("turning TLS on or off needs a restart".to_string());
-            new.listener.tls = old.listener.tls.clone();
         }
         if new.listener.http1_engine != old.listener.http1_engine {
             notes.push(format!(
@@ -342,21 +323,74 @@ impl Router {
             upstream::connector(c)
                 .map_err(|e| format!("{}: cluster {:?}: tls: {e}", new.source, c.name))?;
         }
+        // One reload at a time: the listener set is planned and changed under this lock.
+        let mut doors = self
+            .doors
+            .lock()
+            .map_err(|_| "listener registry unavailable".to_string())?;
+        let plan = doors::plan(&doors, &mut new, &mut notes);
         // Certificates are read again even when their paths did not change (the usual
         // rotation rewrites the files). New handshakes get them; open connections keep the
-        // ones they started with. A bad pair fails the reload and keeps the running ones.
-        let mut certs = None;
-        if let (Some(tls), Some(t)) = (&self.tls, &new.listener.tls) {
-            tls.reload(&tls_pairs(t))
-                .map_err(|e| format!("{}: listener.tls: {e}", new.source))?;
-            certs = Some(t.certificates.len());
+        // ones they started with. A bad pair fails the reload and keeps the running ones:
+        // every pair is checked before any is swapped in.
+        let mut rotations = Vec::new();
+        for (i, spec) in &plan.keep {
+            if let (Some(tls), config::Protocol::Https(t)) = (&doors[*i].tls, &spec.protocol) {
+                let pairs = doors::tls_pairs(t);
+                crate::upstream::tls::ReloadableServerTls::new(&pairs).map_err(|e| {
+                    format!("{}: {}: {e}", new.source, doors::key(&new, spec, "tls"))
+                })?;
+                rotations.push((tls.clone(), pairs));
+            }
         }
+        // New sockets are all bound before anything changes, so a taken address fails the
+        // reload as a whole.
+        let handle = tokio::runtime::Handle::current();
+        let mut bound = Vec::new();
+        for spec in &plan.add {
+            let b = handle
+                .block_on(bind_door(&new, spec, DataPlane::Shared))
+                .map_err(|e| format!("{}: {e}", new.source))?;
+            b.hand_over(&new, &self.handover);
+            bound.push(b);
+        }
+        let certs = rotations.len();
+        for (tls, pairs) in rotations {
+            tls.reload(&pairs)
+                .map_err(|e| format!("{}: listener tls: {e}", new.source))?;
+        }
+        let mut running: Vec<Door> = Vec::new();
+        for (i, d) in std::mem::take(&mut *doors).into_iter().enumerate() {
+            if plan.keep.iter().any(|(k, _)| *k == i) {
+                running.push(d);
+            } else {
+                notes.push(format!(
+                    "listener {:?} on {} removed; its connections drain",
+                    d.spec.name, d.local
+                ));
+                // Its task drains on its own; nothing waits for it here.
+                d.stop();
+            }
+        }
+        for b in bound {
+            let local = b.local();
+            let name = format!("{:?}", b.spec().name);
+            match b.start(&self.control, self.limit.clone()) {
+                Ok(d) => {
+                    notes.push(format!("listener {name} added on {local}"));
+                    running.push(d);
+                }
+                Err(e) => notes.push(format!("listener {name} could not start: {e}")),
+            }
+        }
+        *doors = running;
+        drop(doors);
         let summary = new.summary();
         self.control.config.store(Arc::new(new));
         self.control.config_changed.notify_one();
         let mut msg = format!("reloaded {summary}");
-        if let Some(n) = certs {
-            msg.push_str(&format!("; {n} listener certificate(s) reloaded"));
+        if certs > 0 {
+            msg.push_str(&format!("; certificates of {certs} listener(s) reloaded"));
         }
         let kept_old = !notes.is_empty();
         for n in notes {
@@ -377,6 +411,9 @@ impl Router {
             self.events
                 .push_with("reload", Severity::Warning, "draining for shutdown".into());
             self.handover.release();
+            if let Ok(doors) = self.doors.lock() {
+                doors.iter().for_each(Door::stop);
+            }
             let _ = self.shutdown_tx.send(true);
         }
     }

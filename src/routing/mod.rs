@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod rank;
+pub mod redirect;
 pub mod table;
 
 pub use table::{ClusterTable, Reason, RoutingTable, ZoneTable};

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{ClusterConfig, Config, HostMatch};
+use crate::config::{ClusterConfig, Config, HostMatch, Redirect, RouteAction};
 use crate::routing::rank::{zone_estimate_of, Ranker, ZoneKey};
 use crate::state::{ClusterShared, EndpointState, Estimate};
 use crate::telemetry::metrics::{ClusterMetrics, ZoneMetrics};
@@ -77,8 +77,13 @@ pub struct RoutingTable<C> {
 }
 
 pub struct RouteEntry {
+    /// Ids ([`crate::config::listener_id`]) of the listeners it belongs to; empty: every
+    /// http and https listener.
+    pub listeners: Vec<u64>,
     pub host: Option<HostMatch>,
     pub path_prefix: String,
+    /// Answered by the router when set; `cluster` is then meaningless.
+    pub redirect: Option<Redirect>,
     pub cluster: usize,
     pub timeout: Duration,
     pub hedge: bool,
@@ -132,9 +137,23 @@ pub struct EndpointEntry {
 }
 
 impl<C> RoutingTable<C> {
-    /// First route, in file order, whose host and path prefix match.
-    pub fn match_route(&self, host: Option<&str>, path: &str) -> Option<&RouteEntry> {
+    /// The cluster of this name, when the table has it.
+    pub fn cluster(&self, name: &str) -> Option<&ClusterTable<C>> {
+        self.clusters.iter().find(|c| &*c.name == name)
+    }
+
+    /// First route of `listener` (its [`crate::config::listener_id`]), in file order, whose
+    /// host and path prefix match. A route with `redirect` set is answered by the caller.
+    pub fn match_route(
+        &self,
+        listener: u64,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<&RouteEntry> {
         self.routes.iter().find(|r| {
+            if !r.listeners.is_empty() && !r.listeners.contains(&listener) {
+                return false;
+            }
             let host_ok = match (&r.host, host) {
                 (None, _) => true,
                 (Some(_), None) => false,
@@ -181,19 +200,31 @@ impl TableBuilder {
         let routes = config
             .routes
             .iter()
-            .map(|r| RouteEntry {
-                host: r.host.clone(),
-                path_prefix: r.path_prefix.clone(),
-                cluster: inputs
-                    .iter()
-                    .position(|c| c.config.name == r.cluster)
-                    .unwrap_or(0),
-                timeout: r.timeout,
-                hedge: r.hedge.unwrap_or_else(|| {
-                    inputs
+            .map(|r| {
+                let target = r.cluster().unwrap_or_default();
+                RouteEntry {
+                    listeners: r
+                        .listeners
                         .iter()
-                        .any(|c| c.config.name == r.cluster && c.config.hedge.enabled)
-                }),
+                        .map(|n| crate::config::listener_id(n))
+                        .collect(),
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    redirect: match &r.action {
+                        RouteAction::Redirect(rd) => Some(rd.clone()),
+                        RouteAction::Cluster(_) => None,
+                    },
+                    cluster: inputs
+                        .iter()
+                        .position(|c| c.config.name == target)
+                        .unwrap_or(0),
+                    timeout: r.timeout,
+                    hedge: r.hedge.unwrap_or_else(|| {
+                        inputs
+                            .iter()
+                            .any(|c| c.config.name == target && c.config.hedge.enabled)
+                    }),
+                }
             })
             .collect();
         let clusters = inputs
@@ -1072,7 +1103,7 @@ cluster = "api"
             cases.push(String::from_utf8_lossy(&bytes).into_owned());
         }
         for h in &cases {
-            let got = t.match_route(Some(h), "/").is_some();
+            let got = t.match_route(0, Some(h), "/").is_some();
             assert_eq!(got, reference(h), "host {h:?}");
         }
     }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub no_route: IntCounter,
     /// `edge_router_errors_total{cluster="",kind="too_many_connections"}`, resolved once.
     pub too_many_connections: IntCounter,
+    /// Listener and layer-4 families.
+    pub l4: super::l4::L4Metrics,
 }
 
 /// Registering a family can fail only on a duplicate or invalid name: a programming error
@@ -219,6 +221,7 @@ impl Metrics {
                     &["name", "result"]
                 )
             ),
+            l4: super::l4::L4Metrics::new(&r),
             registry: r,
         };
         let build = reg!(

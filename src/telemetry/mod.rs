@@ -1,6 +1,7 @@
 //! What the router tells operators: Prometheus metrics, logs, and the ring of notable events.
 
 pub mod events;
+pub mod l4;
 pub mod logging;
 pub mod metrics;
 

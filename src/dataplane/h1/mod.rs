@@ -69,6 +69,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    /// The listener's id, for its routes.
+    pub listener: u64,
 }
 
 /// How [`serve`] ends.
@@ -143,7 +145,14 @@ pub async fn serve(
                     head_end_seen(&buf, &mut scanned)
                 };
                 if ready {
-                    match prepare(&buf, &table, peer, limits.max_header_bytes, state) {
+                    match prepare(
+                        &buf,
+                        &table,
+                        peer,
+                        limits.max_header_bytes,
+                        limits.listener,
+                        state,
+                    ) {
                         Step::Partial => {}
                         Step::MoreBody(total) => need = total,
                         step => break step,

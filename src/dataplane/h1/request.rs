@@ -142,6 +142,7 @@ pub(super) fn prepare<'t>(
     table: &'t Table,
     peer: SocketAddr,
     max_header_bytes: usize,
+    listener: u64,
     state: &ProxyState,
 ) -> Step<'t> {
     // HTTP/2 with prior knowledge starts "PRI * HTTP/2.0".
@@ -286,7 +287,7 @@ pub(super) fn prepare<'t>(
             peer,
         )
     });
-    let Some(route) = table.match_route(Some(&route_host), path) else {
+    let Some(route) = table.match_route(listener, Some(&route_host), path) else {
         state.metrics.no_route.inc();
         return Step::Reply(Reply {
             head_len,
@@ -297,7 +298,8 @@ pub(super) fn prepare<'t>(
     };
     let cluster = &table.clusters[route.cluster];
     let cfg = &cluster.config;
-    if cfg.http2 || cfg.tls.is_some() || route.hedge {
+    // A redirect is answered by the hyper engine, which renders it.
+    if cfg.http2 || cfg.tls.is_some() || route.hedge || route.redirect.is_some() {
         return Step::Hyper;
     }
     let affinity_key = match &cfg.affinity {

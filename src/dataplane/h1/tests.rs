@@ -197,7 +197,7 @@ cluster = "api"
                     buf.extend_from_slice(PIECES[next(PIECES.len())]);
                 }
             }
-            if let Step::Forward(f) = prepare(&buf, &table, peer, 64 * 1024, &state) {
+            if let Step::Forward(f) = prepare(&buf, &table, peer, 64 * 1024, 0, &state) {
                 forwarded += 1;
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut up = httparse::Request::new(&mut headers);
@@ -255,6 +255,7 @@ mod size {
             header_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_header_bytes: 65536,
+            listener: 0,
         };
         let peer = "127.0.0.1:1".parse().expect("addr");
         let fut = serve(s, peer, &state, &mut rx, limits);

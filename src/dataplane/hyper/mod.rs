@@ -92,6 +92,7 @@ pub async fn handle(
     req: Request<Incoming>,
     client: SocketAddr,
     https: bool,
+    listener: u64,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     let table = state.table.load_full();
@@ -128,13 +129,22 @@ pub async fn handle(
             &request_id,
         ));
     }
-    let Some(route) = table.match_route(host.as_deref(), req.uri().path()) else {
+    let Some(route) = table.match_route(listener, host.as_deref(), req.uri().path()) else {
         state.metrics.no_route.inc();
         return Ok(error_exit(
             ErrorReply::new(ErrorKind::NoRoute, log),
             &request_id,
         ));
     };
+    if let Some(r) = &route.redirect {
+        return Ok(super::redirect::response(
+            r,
+            host.as_deref(),
+            req.uri(),
+            &request_id,
+            log,
+        ));
+    }
     let cluster = &table.clusters[route.cluster];
     let begin = request::Begin {
         client,

@@ -16,6 +16,8 @@ pub struct Completion {
     pub(super) log: Option<AccessLog>,
     /// Set by the request body when the client's upload broke (engines that stream it).
     pub(super) client_broke: Option<Arc<AtomicBool>>,
+    /// The response's status was not a 5xx: a whole body ends the endpoint's failure streak.
+    pub(super) good_status: bool,
 }
 
 impl Completion {
@@ -142,7 +144,7 @@ impl AccessLog {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if self.complete {
+        if self.complete && self.good_status {
             // Only a whole response ends the endpoint's failure streak: one that breaks
             // off mid-body must not reset it at its head.
             self.in_flight

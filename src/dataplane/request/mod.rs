@@ -205,6 +205,8 @@ pub struct Exchange<'t> {
     replayable: bool,
     idempotent: bool,
     pub log: Option<AccessLog>,
+    /// The status of the response head, once one came.
+    status: u16,
 }
 
 /// What [`Exchange::begin`] needs to know of a request.
@@ -246,6 +248,7 @@ impl<'t> Exchange<'t> {
                 replayable: b.replayable,
                 idempotent: idempotent(b.method),
                 log,
+                status: 0,
             }),
             Err(kind) => {
                 cluster.runtime.metrics.error(kind.as_str());
@@ -288,6 +291,7 @@ impl<'t> Exchange<'t> {
             &self.pick.endpoint.state,
             &self.cluster.zones[self.pick.zone],
         );
+        self.status = status;
         ep.observe(sent.elapsed(), self.cluster.decay);
         if status >= 500 {
             ep.record_outcome(true, &self.cluster.config.outlier);
@@ -316,6 +320,7 @@ impl<'t> Exchange<'t> {
             outlier: self.cluster.config.outlier.clone(),
             log: self.log,
             client_broke: None,
+            good_status: self.status < 500,
         }
     }
 
