@@ -369,6 +369,7 @@ impl Router {
                     d.spec.name, d.local
                 ));
                 // Its task drains on its own; nothing waits for it here.
+                self.handover.forget(d.local);
                 d.stop();
             }
         }

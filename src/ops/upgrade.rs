@@ -126,6 +126,16 @@ impl Handover {
     }
 
     /// Drops the duplicates: nothing is handed over from now on.
+    /// Closes the kept copies of a listener a reload removed: a kept copy would keep its
+    /// socket listening (the kernel would queue connections nobody accepts).
+    pub fn forget(&self, addr: std::net::SocketAddr) {
+        if let Ok(mut kept) = self.kept.lock() {
+            if let Ok(list) = &mut *kept {
+                list.retain(|k| k.what.addr != addr);
+            }
+        }
+    }
+
     pub fn release(&self) {
         if let Ok(mut kept) = self.kept.lock() {
             *kept = Err("the router is draining".into());

@@ -12,6 +12,9 @@ fn raw_listener(v: &V, key: &str, value: toml::Value) -> Result<raw::Listener, C
         let msg = msg.lines().next().unwrap_or("invalid").to_string();
         if path.is_empty() || path == "." {
             v.err(key, msg)
+        } else if key == "listener" {
+            // The short form's keys read as everywhere else in the file: listener.address.
+            v.err(format!("{key}.{path}"), msg)
         } else {
             v.err(format!("{key}: {path}"), msg)
         }
