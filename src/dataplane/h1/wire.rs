@@ -175,6 +175,11 @@ enum Chunk {
     Done,
 }
 
+/// A control byte that may not appear in a field line (HTAB may).
+fn is_ctl(c: u8) -> bool {
+    (c < 0x20 && c != b'\t') || c == 0x7f
+}
+
 /// The longest chunk-size line or trailer line accepted.
 const MAX_CHUNK_LINE: usize = 8 * 1024;
 
@@ -229,6 +234,13 @@ impl ChunkScanner {
                 (Chunk::DataLf, b'\n') => Chunk::SizeStart,
                 (Chunk::TrailerStart, b'\r') => Chunk::FinalLf,
                 (Chunk::TrailerStart, b'\n') => return Err(()),
+                // A trailer line starting with whitespace is obs-fold (RFC 9112 5.2), and a
+                // control byte has no place in a field (RFC 9110 5.5): refused, as hyper
+                // does, rather than relayed to a peer that may read them differently.
+                (Chunk::TrailerStart | Chunk::Trailer, c) if c != b'\r' && is_ctl(c) => {
+                    return Err(())
+                }
+                (Chunk::TrailerStart, b' ' | b'\t') => return Err(()),
                 (Chunk::TrailerStart, _) => {
                     self.line = 1;
                     Chunk::Trailer
@@ -364,6 +376,21 @@ mod tests {
                 Ok(Some(end)),
                 "cut {cut}"
             );
+        }
+    }
+
+    #[test]
+    fn trailers_with_obs_fold_or_control_bytes_are_refused() {
+        let ok: &[u8] = b"0\r\nx-sum: a\tb\r\n\r\n";
+        assert_eq!(scan_all(&[ok]), Ok(Some(ok.len())));
+        for bad in [
+            b"0\r\nx-sum: a\0b\r\n\r\n".as_slice(),
+            b"0\r\nx-sum: a\r\n folded\r\n\r\n",
+            b"0\r\nx-sum: a\r\n\tfolded\r\n\r\n",
+            b"0\r\nx-sum: a\x7fb\r\n\r\n",
+            b"0\r\n\x01x: a\r\n\r\n",
+        ] {
+            assert_eq!(scan_all(&[bad]), Err(()), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 
