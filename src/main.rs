@@ -113,10 +113,11 @@ fn main() -> ExitCode {
                     Some(1),
                     run(cfg, Some(config), server::DataPlane::PerCore(n)),
                 ),
-                None => with_runtime(
-                    cli.workers,
-                    run(cfg, Some(config), server::DataPlane::Shared),
-                ),
+                None => {
+                    let (workers, why) = server::runtime_workers(cli.workers);
+                    tracing::info!("{why}");
+                    with_runtime(workers, run(cfg, Some(config), server::DataPlane::Shared))
+                }
             }
         }
         Command::Demo {
@@ -188,9 +189,20 @@ async fn run(cfg: config::Config, path: Option<PathBuf>, plane: server::DataPlan
     ExitCode::SUCCESS
 }
 
-/// SIGHUP reloads; SIGTERM and SIGINT drain and stop.
+/// SIGHUP reloads (and reopens the access log); SIGUSR1 reopens the access log; SIGTERM and
+/// SIGINT drain and stop.
 fn signals(router: Arc<server::Router>) {
     use tokio::signal::unix::{signal, SignalKind};
+    let r = router.clone();
+    tokio::spawn(async move {
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            let r = r.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reopen_logs()).await;
+        }
+    });
     let r = router.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {

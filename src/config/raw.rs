@@ -25,6 +25,7 @@ pub struct Listener {
     pub tls: Option<Tls>,
     pub route_header: Option<bool>,
     pub access_log: Option<bool>,
+    pub access_log_path: Option<String>,
     pub max_connections: Option<i64>,
     pub header_read_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,

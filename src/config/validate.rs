@@ -92,6 +92,32 @@ fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
+/// `listener.access_log_path`: a file (created when missing) in a directory that exists.
+fn access_log_path(v: &V<'_>, p: &str) -> Result<PathBuf, ConfigError> {
+    let key = "listener.access_log_path";
+    if p.trim().is_empty() {
+        return Err(v.err(
+            key,
+            "must not be empty (leave the key out to log to stdout)",
+        ));
+    }
+    let path = PathBuf::from(p);
+    if p.ends_with('/') || path.is_dir() {
+        return Err(v.err(key, format!("\"{p}\" is a directory, not a file")));
+    }
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(v.err(
+            key,
+            format!("directory \"{}\" does not exist", parent.display()),
+        ));
+    }
+    Ok(path)
+}
+
 struct V<'a> {
     file: &'a str,
 }
@@ -196,6 +222,10 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         tls,
         route_header: rl.route_header.unwrap_or(false),
         access_log: rl.access_log.unwrap_or(true),
+        access_log_path: match rl.access_log_path {
+            None => None,
+            Some(p) => Some(access_log_path(&v, &p)?),
+        },
         max_connections: v.int(
             "listener.max_connections",
             rl.max_connections,
