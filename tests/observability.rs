@@ -927,11 +927,12 @@ async fn access_log_false_silences_the_access_log() {
 /// The complete JSON lines of an access-log file; panics on a partial or non-JSON line.
 fn access_lines(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(text.is_empty() || text.ends_with('\n'), "partial last line: {text}");
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "partial last line: {text}"
+    );
     text.lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect()
 }
 
@@ -973,22 +974,31 @@ async fn access_log_file_rotated_on_sigusr1_and_sighup_and_flushed_at_exit() {
         std::fs::rename(&log, &rotated).expect("rename");
         bin.signal(sig);
         let id = format!("after-{sig}");
-        wait_until("a line in the reopened file", Duration::from_secs(10), || {
-            let id = id.clone();
-            let log = log.clone();
-            async move {
-                let r = request(data, "api.example.test", "/b", &id).await;
-                assert_eq!(r.status, 200);
-                // Give the writer its sweep before asking again.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                access_lines(&log).iter().any(|v| v["request_id"] == id.as_str())
-            }
-        })
+        wait_until(
+            "a line in the reopened file",
+            Duration::from_secs(10),
+            || {
+                let id = id.clone();
+                let log = log.clone();
+                async move {
+                    let r = request(data, "api.example.test", "/b", &id).await;
+                    assert_eq!(r.status, 200);
+                    // Give the writer its sweep before asking again.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    access_lines(&log)
+                        .iter()
+                        .any(|v| v["request_id"] == id.as_str())
+                }
+            },
+        )
         .await;
     }
     let m = get(&format!("http://{admin}/metrics")).await;
     let scrape = parse_scrape(&m.body);
-    assert_eq!(sum(&scrape, "edge_router_access_log_dropped_total", &[]), 0.0);
+    assert_eq!(
+        sum(&scrape, "edge_router_access_log_dropped_total", &[]),
+        0.0
+    );
     assert!(m.body.contains("edge_router_access_log_dropped_total"));
 
     // A burst and at once SIGTERM: lines still in the threads' buffers are written at exit.
@@ -1050,7 +1060,10 @@ async fn one_usable_cpu_picks_the_current_thread_runtime() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("listener address in {serving}"));
     wait_until("served on one CPU", Duration::from_secs(10), || async {
-        request(data, "api.example.test", "/", "one-cpu").await.status == 200
+        request(data, "api.example.test", "/", "one-cpu")
+            .await
+            .status
+            == 200
     })
     .await;
     bin.stop();

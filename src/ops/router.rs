@@ -426,3 +426,21 @@ impl Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::runtime_workers_for;
+
+    #[test]
+    fn one_usable_cpu_means_one_worker_unless_told() {
+        let (w, why) = runtime_workers_for(None, Some(1));
+        assert_eq!(w, Some(1));
+        assert!(why.starts_with("current-thread runtime") && why.contains("one CPU"));
+        assert_eq!(runtime_workers_for(None, Some(4)).0, None);
+        assert_eq!(runtime_workers_for(None, None).0, None);
+        // --workers wins over what the machine offers.
+        assert_eq!(runtime_workers_for(Some(3), Some(1)).0, Some(3));
+        assert_eq!(runtime_workers_for(Some(1), Some(8)).0, Some(1));
+        assert_eq!(runtime_workers_for(Some(0), Some(8)).0, Some(1));
+    }
+}
