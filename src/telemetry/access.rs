@@ -139,9 +139,11 @@ impl Local {
     }
 }
 
+/// A thread's buffer in each access log it wrote to (one in the binary).
+type ThreadBuffers = Vec<(Weak<AccessWriter>, Arc<Mutex<Local>>)>;
+
 thread_local! {
-    /// This thread's buffer in each access log it wrote to (one in the binary).
-    static LOCALS: RefCell<Vec<(Weak<AccessWriter>, Arc<Mutex<Local>>)>> =
+    static LOCALS: RefCell<ThreadBuffers> =
         const { RefCell::new(Vec::new()) };
 }
 
@@ -487,7 +489,7 @@ fn writer(
             Err(e) => {
                 log.dropped.fetch_add(b.lines, Ordering::Relaxed);
                 // One warning a minute is enough to say the disk is full.
-                if last_error.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                if !matches!(last_error, Some(t) if t.elapsed() <= Duration::from_secs(60)) {
                     last_error = Some(Instant::now());
                     tracing::warn!(target: "proxy", "access log: write failed, lines dropped: {e}");
                 }
