@@ -6,6 +6,9 @@
 # wrk on the other core, runs interleaved A B C A B C ... Per proxy: median req/s,
 # p50/p99 latency, CPU microseconds per request (the proxy's own utime+stime from
 # /proc divided by requests served), peak RSS, and ratios to nginx.
+# Workloads (--workload): plain HTTP/1.1 keep-alive (default); access-log (the same with
+# each proxy's buffered access log on); https (HTTP/1.1 keep-alive over TLS); handshake
+# (a new TLS connection per request); h2c and h2 (HTTP/2 cleartext / over TLS, h2load).
 # Second mode (--idle-conns N): RSS of each proxy idle and with N idle keep-alive
 # connections held open.
 #
@@ -31,18 +34,32 @@ Throughput mode (default) options; each also readable from the environment:
                                   HTTP/1.1 engine, in the same run)
   --results FILE      RESULTS     markdown results file (default
                                   target/bench-compare/compare-<time>.md)
+  --workload W        WORKLOAD    plain (default): HTTP/1.1 keep-alive, wrk;
+                                  access-log: plain with access logs on (nginx
+                                    `access_log ... buffer=64k flush=1s`, HAProxy
+                                    `option httplog` to its stdout, edge-router
+                                    `access_log_path`), each written to a file;
+                                  https: HTTP/1.1 keep-alive over TLS (wrk https://);
+                                  handshake: a new TLS connection per request (wrk
+                                    with `Connection: close`; wrk does not resume
+                                    sessions, so each is a full handshake);
+                                  h2c: HTTP/2 prior knowledge, h2load -c H2_CONNS -m
+                                    H2_STREAMS; h2: HTTP/2 over TLS (ALPN), h2load
+                                  TLS: one self-signed P-256 certificate (openssl).
+                                  No baseline row except for plain and access-log.
   --quick                         1 round, 3s runs, 1s warm-up (a smoke test)
 Idle-connection mode:
   --idle-conns N                  hold N idle keep-alive connections (one HTTP/1.1
                                   request each) to each proxy, report RSS idle and held
-Other environment: PROXY_CORE (default 0), LOAD_CORE (default 1), PORT_BASE (18080),
+Other environment: H2_CONNS (default 16), H2_STREAMS (default 16), PROXY_CORE (default 0), LOAD_CORE (default 1), PORT_BASE (18080),
   KEEP_TMP=1 keeps the private temp dir (configs, logs, raw wrk output).
   Noise guard: before each run wait up to QUIET_WAIT s (default 180) until other
   processes use at most QUIET_PCT % (default 10) of either core; rerun a run up to
   RETRIES times (default 2) when others took more than QUIET_PCT % of the proxy core.
 
-Needs: wrk nginx haproxy taskset (+ python3 for --idle-conns).
-  Debian/Ubuntu: apt-get install wrk nginx haproxy util-linux python3
+Needs: wrk nginx haproxy taskset (+ python3 for --idle-conns; openssl and curl for the
+  TLS workloads; h2load for h2c and h2).
+  Debian/Ubuntu: apt-get install wrk nginx haproxy util-linux python3 openssl curl nghttp2-client
 Exit: 0 done; 2 missing tool or bad arguments; 1 a proxy failed to start or run.
 EOF
 }
@@ -64,6 +81,9 @@ KEEP_TMP=${KEEP_TMP:-0}
 QUIET_PCT=${QUIET_PCT:-10}
 QUIET_WAIT=${QUIET_WAIT:-180}
 RETRIES=${RETRIES:-2}
+WORKLOAD=${WORKLOAD:-plain}
+H2_CONNS=${H2_CONNS:-16}
+H2_STREAMS=${H2_STREAMS:-16}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EDGE_ROUTER=${EDGE_ROUTER:-$ROOT/target/release/edge-router}
@@ -82,12 +102,16 @@ while [ $# -gt 0 ]; do
     --proxies) need_arg "$@"; PROXIES=$2; shift 2 ;;
     --results) need_arg "$@"; RESULTS=$2; shift 2 ;;
     --idle-conns) need_arg "$@"; IDLE_CONNS=$2; shift 2 ;;
+    --workload) need_arg "$@"; WORKLOAD=$2; shift 2 ;;
     --quick) ROUNDS=1; DURATION=3s; WARMUP=1s; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "compare.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
-for v in ROUNDS CONNS IDLE_CONNS PROXY_CORE LOAD_CORE PORT_BASE QUIET_PCT QUIET_WAIT RETRIES; do
+case "$WORKLOAD" in plain|access-log|https|handshake|h2c|h2) ;; *) die2 "unknown workload '$WORKLOAD' (plain, access-log, https, handshake, h2c, h2)" ;; esac
+TLS=0; case "$WORKLOAD" in https|handshake|h2) TLS=1 ;; esac
+H2=0; case "$WORKLOAD" in h2c|h2) H2=1 ;; esac
+for v in H2_CONNS H2_STREAMS ROUNDS CONNS IDLE_CONNS PROXY_CORE LOAD_CORE PORT_BASE QUIET_PCT QUIET_WAIT RETRIES; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die2 "$v must be a non-negative integer, got '${!v}'"
 done
 [ "$ROUNDS" -ge 1 ] || die2 "ROUNDS must be >= 1"
@@ -101,7 +125,7 @@ if [ "$SKIP_EDGE" = 1 ]; then
   PROXIES=$(for p in $PROXIES; do case "$p" in edge-router*) ;; *) printf '%s ' "$p" ;; esac; done)
 fi
 MODE=throughput; [ "$IDLE_CONNS" -gt 0 ] && MODE=idle
-if [ "$MODE" = idle ]; then PROXIES=$(for p in $PROXIES; do [ "$p" = baseline ] || printf '%s ' "$p"; done); fi
+if [ "$MODE" = idle ] || { [ "$WORKLOAD" != plain ] && [ "$WORKLOAD" != access-log ]; }; then PROXIES=$(for p in $PROXIES; do [ "$p" = baseline ] || printf '%s ' "$p"; done); fi
 [ -n "${PROXIES// /}" ] || die2 "nothing to measure (PROXIES is empty)"
 
 # ---------------------------------------------------------------- prerequisites
@@ -113,6 +137,13 @@ for t in wrk nginx haproxy taskset; do
   fi
 done
 if [ "$MODE" = idle ] && ! command -v python3 >/dev/null 2>&1; then missing+=(python3); pkgs+=(python3); fi
+if [ "$TLS" = 1 ]; then
+  for t in openssl curl; do command -v "$t" >/dev/null 2>&1 || { missing+=("$t"); pkgs+=("$t"); }; done
+fi
+if [ "$H2" = 1 ]; then
+  command -v h2load >/dev/null 2>&1 || { missing+=(h2load); pkgs+=(nghttp2-client); }
+  command -v curl >/dev/null 2>&1 || { missing+=(curl); pkgs+=(curl); }
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "compare.sh: missing: ${missing[*]}" >&2
   echo "  install them first (nothing is installed for you):" >&2
@@ -256,6 +287,40 @@ EOF
 }
 
 mkdir -p "$W/backend" "$W/nginx" "$W/haproxy" "$W/edge-router" "$W/edge-router-hyper" "$W/runs"
+
+# ---------------------------------------------------------------- workload: TLS, HTTP/2, access logs
+SCHEME=http
+NGINX_LISTEN="listen 127.0.0.1:${PORT[nginx]} backlog=4096;"
+HAPROXY_BIND="bind 127.0.0.1:${PORT[haproxy]}"
+NGINX_LOG="" HAPROXY_LOG_GLOBAL="" HAPROXY_LOG="" EDGE_LISTENER="access_log = false"
+if [ "$TLS" = 1 ]; then
+  mkdir -p "$W/tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$W/tls/key.pem" -out "$W/tls/cert.pem" >"$W/tls/openssl.log" 2>&1 || fail "openssl could not make a certificate" "$W/tls/openssl.log"
+  cat "$W/tls/cert.pem" "$W/tls/key.pem" >"$W/tls/both.pem"
+  SCHEME=https
+  alpn=http/1.1; nginx_h2=""
+  [ "$WORKLOAD" = h2 ] && { alpn=h2,http/1.1; nginx_h2=" http2"; }
+  NGINX_LISTEN="listen 127.0.0.1:${PORT[nginx]} ssl$nginx_h2 backlog=4096;
+    ssl_certificate $W/tls/cert.pem; ssl_certificate_key $W/tls/key.pem;"
+  HAPROXY_BIND="bind 127.0.0.1:${PORT[haproxy]} ssl crt $W/tls/both.pem alpn $alpn"
+  EDGE_LISTENER="access_log = false
+
+[listener.tls]
+cert = \"$W/tls/cert.pem\"
+key = \"$W/tls/key.pem\""
+elif [ "$WORKLOAD" = h2c ]; then
+  NGINX_LISTEN="listen 127.0.0.1:${PORT[nginx]} http2 backlog=4096;"
+  HAPROXY_BIND="bind 127.0.0.1:${PORT[haproxy]} proto h2"
+elif [ "$WORKLOAD" = access-log ]; then
+  # Each proxy's usual buffered (or cheapest) access log, to a file on the same disk.
+  NGINX_LOG="access_log $W/nginx/access.log combined buffer=64k flush=1s;"
+  HAPROXY_LOG_GLOBAL="log stdout format raw local0"
+  HAPROXY_LOG="log global
+  option httplog"
+  EDGE_LISTENER="access_log = true
+access_log_path = \"$W/edge-router/access.log\""
+fi
 { nginx_common "$W/backend"; cat <<EOF
 http {
 $(nginx_http_common "$W/backend")
@@ -293,8 +358,9 @@ $(nginx_http_common "$W/nginx")
     keepalive_timeout 300s;
   }
   server {
-    listen 127.0.0.1:${PORT[nginx]} backlog=4096;
+    $NGINX_LISTEN
     location / {
+      $NGINX_LOG
       proxy_pass http://backend;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
@@ -318,8 +384,10 @@ global
   nbthread 1
   maxconn $MAXCONN
   $HAPROXY_LIMITS
+  $HAPROXY_LOG_GLOBAL
 defaults
   mode http
+  $HAPROXY_LOG
   option http-keep-alive
   timeout connect 5s
   timeout client 300s
@@ -327,7 +395,7 @@ defaults
   timeout http-keep-alive 300s
   http-reuse always
 frontend fe
-  bind 127.0.0.1:${PORT[haproxy]}
+  $HAPROXY_BIND
   $HAPROXY_FWD
   default_backend be
 backend be
@@ -338,7 +406,7 @@ EOF
 cat >"$W/edge-router/edge.toml" <<EOF
 [listener]
 address = "127.0.0.1:${PORT[edge-router]}"
-access_log = false
+$EDGE_LISTENER
 
 [admin]
 address = "127.0.0.1:$PORT_EDGE_ADMIN"
@@ -378,11 +446,19 @@ start() { # name core logfile cmd... : start pinned, in the background, remember
   PIDOF[$name]=$!
   STARTED+=("$!")
 }
+probe_status() { # port path -> HTTP status of a request the workload's way
+  case "$WORKLOAD" in
+    https|handshake) curl -sk -o /dev/null -m 2 -w '%{http_code}' "https://127.0.0.1:$1$2" 2>/dev/null ;;
+    h2) curl -sk --http2 -o /dev/null -m 2 -w '%{http_code}' "https://127.0.0.1:$1$2" 2>/dev/null ;;
+    h2c) curl -s --http2-prior-knowledge -o /dev/null -m 2 -w '%{http_code}' "http://127.0.0.1:$1$2" 2>/dev/null ;;
+    *) http_status "$1" "$2" ;;
+  esac
+}
 wait_ready() { # name port path deadline_s logfile: poll until 200, no fixed sleeps
   local name=$1 port=$2 path=$3 deadline=$((SECONDS + $4)) log=$5 code
   while :; do
     kill -0 "${PIDOF[$name]}" 2>/dev/null || fail "$name exited during start-up" "$log"
-    code=$(http_status "$port" "$path")
+    if [ "$name" = backend ]; then code=$(http_status "$port" "$path"); else code=$(probe_status "$port" "$path"); fi
     [ "$code" = 200 ] && return 0
     [ $SECONDS -ge $deadline ] && fail "$name did not answer 200 on 127.0.0.1:$port$path within $4s (last: '${code:-no answer}')" "$log"
     sleep 0.05
@@ -452,6 +528,39 @@ run_wrk() { # port duration outfile; in the background so a signal stops us at o
   wait "$wp"; rc=$?
   forget "$wp"
   return $rc
+}
+run_load() { # port duration outfile: the workload's load generator on the load core
+  local wp rc url="$SCHEME://127.0.0.1:$1/"
+  case "$WORKLOAD" in
+    h2c|h2) taskset -c "$LOAD_CORE" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D "$(dur_s "$2")" "$url" >"$3" 2>&1 & ;;
+    handshake) taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"$2" --timeout 5s --latency -H "Connection: close" "$url" >"$3" 2>&1 & ;;
+    *) taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"$2" --timeout 5s --latency "$url" >"$3" 2>&1 & ;;
+  esac
+  wp=$!; STARTED+=("$wp")
+  wait "$wp"; rc=$?
+  forget "$wp"
+  return $rc
+}
+dur_s() { # wrk duration (10s, 2m, 1h, 10) -> seconds
+  local v=${1%[smh]}
+  case "$1" in *m) echo $((v * 60)) ;; *h) echo $((v * 3600)) ;; *) echo "$v" ;; esac
+}
+parse_load() { # outfile -> "requests seconds req/s p50_us p99_us errors" ("" when no result)
+  # h2load has no percentiles: its mean and max request times stand in the p50/p99 columns.
+  local reqs secs rps a b errors
+  if [ "$H2" = 1 ]; then
+    read -r reqs errors < <(awk '/^requests:/ {print $8, $10 + $12 + $14}' "$1")
+    read -r secs rps < <(awk '/^finished in/ {s = $3; sub(/s,$/, "", s); print s, $4}' "$1")
+    read -r a b < <(awk '/^time for request:/ {print $6, $5}' "$1")
+  else
+    reqs=$(awk '/ requests in / {print $1}' "$1")
+    secs=$(awk '/ requests in / {sub(/s,$/, "", $4); print $4}' "$1")
+    rps=$(awk '/^Requests\/sec:/ {print $2}' "$1")
+    a=$(awk '$1 == "50%" {print $2}' "$1"); b=$(awk '$1 == "99%" {print $2}' "$1")
+    errors=$(awk '/Non-2xx or 3xx responses:/ {n = $NF} /Socket errors:/ {gsub(/,/, ""); s = $4 + $6 + $8 + $10} END {print n + s}' "$1")
+  fi
+  [ -n "$reqs" ] && [ -n "$secs" ] || return 0
+  echo "$reqs $secs $rps $(to_us "$a") $(to_us "$b") ${errors:-0}"
 }
 to_us() { # "1.23ms" -> microseconds
   awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
@@ -602,8 +711,8 @@ fi
 # ================================================================ throughput mode
 for p in $PROXIES; do
   echo "warm-up $p ($WARMUP)"
-  run_wrk "${PORT[$p]}" "$WARMUP" "$W/runs/$p-warmup.txt" || fail "wrk failed against $p" "$W/runs/$p-warmup.txt"
-  grep -q 'requests in' "$W/runs/$p-warmup.txt" || fail "wrk produced no result against $p" "$W/runs/$p-warmup.txt"
+  run_load "${PORT[$p]}" "$WARMUP" "$W/runs/$p-warmup.txt" || fail "load generator failed against $p" "$W/runs/$p-warmup.txt"
+  [ -n "$(parse_load "$W/runs/$p-warmup.txt")" ] || fail "load generator produced no result against $p" "$W/runs/$p-warmup.txt"
 done
 
 CSV="${RESULTS%.md}.csv"
@@ -615,19 +724,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
     wait_quiet
     pids=$(pids_of "$p")
     c0=$(cpu_ticks $pids); read -r pb0 pt0 _ pi0 < <(core_ticks "$PROXY_CORE"); read -r lb0 lt0 _ < <(core_ticks "$LOAD_CORE")
-    run_wrk "${PORT[$p]}" "$DURATION" "$out" || fail "wrk failed against $p" "$out"
+    run_load "${PORT[$p]}" "$DURATION" "$out" || fail "load generator failed against $p" "$out"
     c1=$(cpu_ticks $pids); read -r pb1 pt1 _ pi1 < <(core_ticks "$PROXY_CORE"); read -r lb1 lt1 _ < <(core_ticks "$LOAD_CORE")
     for pid in $pids; do kill -0 "$pid" 2>/dev/null || fail "$p (pid $pid) died during round $r" "$W/$p/stdout.log"; done
     hwm=$(status_kb VmHWM $pids)
-    reqs=$(awk '/ requests in / {print $1}' "$out")
-    secs=$(awk '/ requests in / {sub(/s,$/, "", $4); print $4}' "$out")
-    rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
-    p50=$(to_us "$(awk '$1 == "50%" {print $2}' "$out")")
-    p99=$(to_us "$(awk '$1 == "99%" {print $2}' "$out")")
-    non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
-    sockerr=$(awk -F'[ ,]+' '/Socket errors:/ {print $4 + $6 + $8 + $10}' "$out")
-    errors=$(( ${non2xx:-0} + ${sockerr:-0} ))
-    [ -n "$reqs" ] && [ "$reqs" -gt 0 ] || fail "wrk served no requests against $p" "$out"
+    reqs="" secs="" rps="" p50="" p99="" errors=0
+    read -r reqs secs rps p50 p99 errors < <(parse_load "$out")
+    [ -n "$reqs" ] && [ "$reqs" -gt 0 ] || fail "no requests served by $p" "$out"
     line=$(awk -v r="$r" -v p="$p" -v rps="$rps" -v p50="$p50" -v p99="$p99" -v n="$reqs" -v e="$errors" \
       -v ct=$((c1 - c0)) -v hz="$CLK_TCK" -v secs="$secs" -v pb=$((pb1 - pb0)) -v pt=$((pt1 - pt0)) \
       -v lb=$((lb1 - lb0)) -v lt=$((lt1 - lt0)) -v hwm="$hwm" -v pi=$((pi1 - pi0)) -v irqsep="$IRQ_SEPARATE" 'BEGIN {
@@ -682,12 +785,17 @@ worst_other=$(sed -n 's/^WORST_OTHER //p' <<<"$summary")
 table=$(sed '/^WORST_OTHER /d' <<<"$summary")
 
 {
-  echo "# edge-router compare: throughput, one core per proxy"
+  echo "# edge-router compare: $WORKLOAD, one core per proxy"
   echo
   echo "- date: $SINCE; machine: $NCPU cores, $MODEL, kernel $(uname -r)"
   echo "- load average before/after: $LOAD_BEFORE / $LOAD_AFTER; most CPU taken on core $PROXY_CORE by other processes during a run: ${worst_other}%"
   echo "- versions: $VERSIONS"
-  echo "- each proxy pinned to core $PROXY_CORE with one worker; wrk -t1 -c$CONNS -d$DURATION --latency and the backend nginx share core $LOAD_CORE"
+  case "$WORKLOAD" in
+    h2c|h2) echo "- each proxy pinned to core $PROXY_CORE with one worker; h2load -t1 -c$H2_CONNS -m$H2_STREAMS -D $(dur_s "$DURATION") ($SCHEME) and the backend nginx share core $LOAD_CORE; p50/p99 columns: h2load's mean/max request time" ;;
+    *) echo "- each proxy pinned to core $PROXY_CORE with one worker; wrk -t1 -c$CONNS -d$DURATION --latency ($SCHEME$([ "$WORKLOAD" = handshake ] && echo ', Connection: close: a new TLS connection per request')) and the backend nginx share core $LOAD_CORE" ;;
+  esac
+  [ "$WORKLOAD" = access-log ] && echo "- access logs to files: nginx combined buffer=64k flush=1s; HAProxy option httplog to its stdout (a file); edge-router listener.access_log_path (text)"
+  echo "- upstream leg: plain HTTP/1.1 keep-alive to the backend for every proxy"
   echo "- $ROUNDS rounds interleaved ($PROXIES), warm-up $WARMUP per proxy; medians over rounds; forwarding headers on nginx/HAProxy: $([ "$FORWARD_HEADERS" = 1 ] && echo yes || echo no)"
   echo "- CPU us/req: the proxy's utime+stime (/proc/PID/stat, nginx master+worker) over the run / requests served;"
   echo "  kernel: $([ "$IRQ_SEPARATE" = 1 ] && echo "IRQ time accounting on: softirq work is NOT in CPU us/req (see proxy_core_irq_us_per_req in the CSV)" || echo "tick-based accounting: softirq work done while the proxy runs is in its stime, so in CPU us/req")"

@@ -8,9 +8,12 @@
 //!   the request and response byte counters) on handles resolved at table build, against a
 //!   plain atomic increment and against what a label lookup per request would cost.
 //! - `access_log_*`: the per-request cost of the access log: building the record and
-//!   emitting the `access` event through the subscriber the binary installs
-//!   (`logging::subscriber`), formatted as JSON or text into `io::sink`, against the
-//!   access log switched off (`listener.access_log = false`) and filtered off by RUST_LOG.
+//!   writing its line. `access_log_writer_{json,text}` is what the binary does (the
+//!   access-log writer: a per-thread buffer, batches to a writer thread, here writing to
+//!   `io::sink`); `access_log_tracing_*` is the same record emitted as a `tracing` event
+//!   through the subscriber the binary installs (`logging::subscriber`), the way the
+//!   access log was written before it had its own writer, kept as the baseline; against
+//!   the access log switched off (`listener.access_log = false`).
 //!
 //! Criterion prints `time: [low mid high]` per function: the time of one call, i.e. ns per
 //! request. Run a shorter pass with `cargo bench --bench request_path -- --warm-up-time 1
@@ -25,6 +28,7 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use edge_router::dataplane::request::{self as proxy, AccessLog};
 use edge_router::routing::table::Reason;
+use edge_router::telemetry::access::{AccessWriter, Dest, Options};
 use edge_router::telemetry::logging::{self, Format};
 use edge_router::telemetry::metrics::{ClusterMetrics, Metrics};
 use http::{HeaderValue, Method};
@@ -133,10 +137,17 @@ impl Request {
     }
 }
 
+/// How a finished record is written.
+#[derive(Clone, Copy)]
+enum Emit<'a> {
+    Writer(&'a Arc<AccessWriter>),
+    Tracing,
+}
+
 /// One request's access-log work as the proxy does it: the record when the switch is on
-/// (method, host and path copied, table names shared), then the event when the response
+/// (method, host and path copied, table names shared), then the line when the response
 /// ends.
-fn access_log_request(on: bool, r: &Request) {
+fn access_log_request(on: bool, r: &Request, emit: Emit<'_>) {
     let log = black_box(on).then(|| {
         let mut l = AccessLog::new(
             Method::GET,
@@ -155,8 +166,33 @@ fn access_log_request(on: bool, r: &Request) {
         l
     });
     if let Some(l) = log {
-        l.emit(black_box(2048), true);
+        match emit {
+            Emit::Writer(w) => l.write_to(w, black_box(2048), true),
+            Emit::Tracing => emit_tracing(&l, black_box(2048), true),
+        }
     }
+}
+
+/// The access line as a `tracing` event, as it was written before the access-log writer.
+fn emit_tracing(l: &AccessLog, bytes: u64, complete: bool) {
+    tracing::info!(
+        target: "access",
+        method = %l.method,
+        host = %l.host,
+        path = %l.path,
+        status = l.status,
+        duration_ms = (l.started.elapsed().as_micros() as f64) / 1e3,
+        bytes,
+        complete,
+        cluster = l.cluster.as_deref(),
+        region = l.region.as_deref(),
+        zone = l.zone.as_deref(),
+        endpoint = l.endpoint.as_deref(),
+        reason = l.reason.map(Reason::as_str),
+        error = l.error,
+        request_id = l.request_id.to_str().unwrap_or("-"),
+        client = %l.client,
+    );
 }
 
 fn with_subscriber(sub: Box<dyn tracing::Subscriber + Send + Sync>, f: impl FnOnce()) {
@@ -165,53 +201,63 @@ fn with_subscriber(sub: Box<dyn tracing::Subscriber + Send + Sync>, f: impl FnOn
 
 fn access_log_off(c: &mut Criterion) {
     let r = Request::new();
-    // A real subscriber is installed (other logs still flow); the switch is off.
+    c.bench_function("access_log_off", |b| {
+        b.iter(|| access_log_request(false, &r, Emit::Tracing))
+    });
+}
+
+fn writer(format: Format) -> Arc<AccessWriter> {
+    let options = Options {
+        format,
+        ..Options::default()
+    };
+    match AccessWriter::start(Dest::Writer(Box::new(std::io::sink())), options) {
+        Ok(w) => w,
+        Err(e) => panic!("access-log writer: {e}"),
+    }
+}
+
+fn access_log_writer_json(c: &mut Criterion) {
+    let r = Request::new();
+    let w = writer(Format::Json);
+    c.bench_function("access_log_writer_json", |b| {
+        b.iter(|| access_log_request(true, &r, Emit::Writer(&w)))
+    });
+    eprintln!("  (lines dropped by the writer: {})", w.dropped());
+}
+
+fn access_log_writer_text(c: &mut Criterion) {
+    let r = Request::new();
+    let w = writer(Format::Text);
+    c.bench_function("access_log_writer_text", |b| {
+        b.iter(|| access_log_request(true, &r, Emit::Writer(&w)))
+    });
+    eprintln!("  (lines dropped by the writer: {})", w.dropped());
+}
+
+fn access_log_tracing_json_sink(c: &mut Criterion) {
+    let r = Request::new();
     let sub = logging::subscriber(Format::Json, EnvFilter::new("info"), std::io::sink);
     with_subscriber(sub, || {
-        c.bench_function("access_log_off", |b| {
-            b.iter(|| access_log_request(false, &r))
+        c.bench_function("access_log_tracing_json_sink", |b| {
+            b.iter(|| access_log_request(true, &r, Emit::Tracing))
         });
     });
 }
 
-fn access_log_filtered_by_rust_log(c: &mut Criterion) {
-    let r = Request::new();
-    let sub = logging::subscriber(
-        Format::Json,
-        EnvFilter::new("info,access=off"),
-        std::io::sink,
-    );
-    with_subscriber(sub, || {
-        c.bench_function("access_log_filtered_by_rust_log", |b| {
-            b.iter(|| access_log_request(true, &r))
-        });
-    });
-}
-
-fn access_log_json_sink(c: &mut Criterion) {
-    let r = Request::new();
-    let sub = logging::subscriber(Format::Json, EnvFilter::new("info"), std::io::sink);
-    with_subscriber(sub, || {
-        c.bench_function("access_log_json_sink", |b| {
-            b.iter(|| access_log_request(true, &r))
-        });
-    });
-}
-
-fn access_log_text_sink(c: &mut Criterion) {
+fn access_log_tracing_text_sink(c: &mut Criterion) {
     let r = Request::new();
     let sub = logging::subscriber(Format::Text, EnvFilter::new("info"), std::io::sink);
     with_subscriber(sub, || {
-        c.bench_function("access_log_text_sink", |b| {
-            b.iter(|| access_log_request(true, &r))
+        c.bench_function("access_log_tracing_text_sink", |b| {
+            b.iter(|| access_log_request(true, &r, Emit::Tracing))
         });
     });
 }
 
-/// As the binary runs it: JSON handed to the non-blocking writer (a channel to a writer
-/// thread, here writing to a sink). Lossy like the binary's: lines beyond the buffer are
-/// dropped, never waited for.
-fn access_log_json_non_blocking(c: &mut Criterion) {
+/// The baseline as the binary ran it: JSON handed to the non-blocking writer (a channel to
+/// a writer thread, here writing to a sink), lossy like the binary's.
+fn access_log_tracing_json_non_blocking(c: &mut Criterion) {
     let r = Request::new();
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
@@ -219,8 +265,8 @@ fn access_log_json_non_blocking(c: &mut Criterion) {
         .finish(std::io::sink());
     let sub = logging::subscriber(Format::Json, EnvFilter::new("info"), writer);
     with_subscriber(sub, || {
-        c.bench_function("access_log_json_non_blocking", |b| {
-            b.iter(|| access_log_request(true, &r))
+        c.bench_function("access_log_tracing_json_non_blocking", |b| {
+            b.iter(|| access_log_request(true, &r, Emit::Tracing))
         });
     });
     drop(guard);
@@ -229,10 +275,11 @@ fn access_log_json_non_blocking(c: &mut Criterion) {
 criterion_group!(
     access_log_benches,
     access_log_off,
-    access_log_filtered_by_rust_log,
-    access_log_json_sink,
-    access_log_text_sink,
-    access_log_json_non_blocking
+    access_log_writer_json,
+    access_log_writer_text,
+    access_log_tracing_json_sink,
+    access_log_tracing_text_sink,
+    access_log_tracing_json_non_blocking
 );
 
 criterion_main!(metrics_benches, access_log_benches);

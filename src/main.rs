@@ -170,7 +170,11 @@ fn main() -> ExitCode {
             match per_core {
                 // The control plane needs no more than one thread.
                 Some(n) => with_runtime(Some(1), run(cfg, start, server::DataPlane::PerCore(n))),
-                None => with_runtime(workers, run(cfg, start, server::DataPlane::Shared)),
+                None => {
+                    let (workers, why) = server::runtime_workers(workers);
+                    tracing::info!("{why}");
+                    with_runtime(workers, run(cfg, start, server::DataPlane::Shared))
+                }
             }
         }
         Command::Demo {
@@ -271,8 +275,8 @@ async fn run(cfg: config::Config, start: Start, plane: server::DataPlane) -> Exi
     ExitCode::SUCCESS
 }
 
-/// SIGHUP reloads; SIGTERM and SIGINT drain and stop; SIGUSR2 upgrades when `relaunch`
-/// says how.
+/// SIGHUP reloads (and reopens the access log); SIGUSR1 reopens the access log; SIGTERM and
+/// SIGINT drain and stop; SIGUSR2 upgrades when `relaunch` says how.
 fn signals(router: Arc<server::Router>, relaunch: Option<upgrade::Relaunch>) {
     use tokio::signal::unix::{signal, SignalKind};
     // Handled even without `relaunch`: SIGUSR2's default action would kill the process.
@@ -290,6 +294,16 @@ fn signals(router: Arc<server::Router>, relaunch: Option<upgrade::Relaunch>) {
         }
         Err(e) => tracing::warn!("SIGUSR2 upgrades disabled: {e}"),
     }
+    let r = router.clone();
+    tokio::spawn(async move {
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            let r = r.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reopen_logs()).await;
+        }
+    });
     let r = router.clone();
     tokio::spawn(async move {
         let Ok(mut hup) = signal(SignalKind::hangup()) else {

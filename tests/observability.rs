@@ -669,7 +669,13 @@ struct Binary {
 
 impl Binary {
     fn start(config: &Path) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edge-router"))
+        Binary::start_via(Command::new(env!("CARGO_BIN_EXE_edge-router")), config)
+    }
+
+    /// [`Binary::start`] with `cmd` as the program: the binary itself, or a launcher in
+    /// front of it (taskset).
+    fn start_via(mut cmd: Command, config: &Path) -> Binary {
+        let mut child = cmd
             .args(["--log-format", "json", "run", "-c"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -731,18 +737,32 @@ impl Binary {
     }
 
     fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig}");
+    }
+
+    /// SIGTERM, then waits up to 10 s for the exit; `None` when it had to be killed.
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
     }
 }
 
@@ -1073,4 +1093,149 @@ fn deploy_check_help_prints_its_usage_and_nothing_else() {
     // Usage text only: no comment markers, no line of the script itself.
     assert!(!text.lines().any(|l| l.starts_with('#')), "{text}");
     assert!(!text.contains("set -uo pipefail"), "{text}");
+}
+
+/// The complete JSON lines of an access-log file; panics on a partial or non-JSON line.
+fn access_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        text.is_empty() || text.ends_with('\n'),
+        "partial last line: {text}"
+    );
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+async fn wait_for_lines(path: &Path, n: usize) {
+    let what = format!("{n} access lines in {}", path.display());
+    wait_until(&what, Duration::from_secs(10), || async {
+        access_lines(path).len() >= n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_file_rotated_on_sigusr1_and_sighup_and_flushed_at_exit() {
+    let backend = Backend::start("a1", 0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let extra = format!("access_log_path = {:?}", log.display().to_string());
+    let (mut bin, data, admin) = start_binary(dir.path(), &access_config(&backend, &extra)).await;
+
+    for i in 0..5 {
+        let r = request(data, "api.example.test", "/a", &format!("file-{i}")).await;
+        assert_eq!(r.status, 200);
+    }
+    // Swept within a second without anything else happening.
+    wait_for_lines(&log, 5).await;
+    let lines = access_lines(&log);
+    assert_eq!(lines.len(), 5);
+    assert!(lines
+        .iter()
+        .all(|v| v["target"] == "access" && v["status"] == 200 && v["cluster"] == "api"));
+    assert!(
+        bin.seen.iter().all(|v| v["target"] != "access"),
+        "access lines went to stdout too"
+    );
+
+    // logrotate: rename, then signal; lines after the signal go to a new file.
+    for (n, sig) in [(1, "-USR1"), (2, "-HUP")] {
+        let rotated = dir.path().join(format!("access.log.{n}"));
+        std::fs::rename(&log, &rotated).expect("rename");
+        bin.signal(sig);
+        let id = format!("after-{sig}");
+        wait_until(
+            "a line in the reopened file",
+            Duration::from_secs(10),
+            || {
+                let id = id.clone();
+                let log = log.clone();
+                async move {
+                    let r = request(data, "api.example.test", "/b", &id).await;
+                    assert_eq!(r.status, 200);
+                    // Give the writer its sweep before asking again.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    access_lines(&log)
+                        .iter()
+                        .any(|v| v["request_id"] == id.as_str())
+                }
+            },
+        )
+        .await;
+    }
+    let m = get(&format!("http://{admin}/metrics")).await;
+    let scrape = parse_scrape(&m.body);
+    assert_eq!(
+        sum(&scrape, "edge_router_access_log_dropped_total", &[]),
+        0.0
+    );
+    assert!(m.body.contains("edge_router_access_log_dropped_total"));
+
+    // A burst and at once SIGTERM: lines still in the threads' buffers are written at exit.
+    let before: usize = (1..=2)
+        .map(|n| access_lines(&dir.path().join(format!("access.log.{n}"))).len())
+        .sum::<usize>()
+        + access_lines(&log).len();
+    for i in 0..20 {
+        let r = request(data, "api.example.test", "/c", &format!("last-{i}")).await;
+        assert_eq!(r.status, 200);
+    }
+    let status = bin.terminate().expect("exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    let mut total = access_lines(&log);
+    for n in 1..=2 {
+        total.extend(access_lines(&dir.path().join(format!("access.log.{n}"))));
+    }
+    assert_eq!(total.len(), before + 20, "lines lost at exit");
+    for i in 0..20 {
+        let id = format!("last-{i}");
+        assert!(total.iter().any(|v| v["request_id"] == id.as_str()), "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_usable_cpu_picks_the_current_thread_runtime() {
+    let taskset = ["/usr/bin/taskset", "/bin/taskset"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(taskset) = taskset else {
+        eprintln!("skipped: taskset (util-linux) is not installed");
+        return;
+    };
+    let backend = Backend::start("a1", 0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("edge-router.toml");
+    std::fs::write(&path, access_config(&backend, "")).expect("write config");
+    let mut cmd = Command::new(taskset);
+    cmd.args(["-c", "0", env!("CARGO_BIN_EXE_edge-router")]);
+    let mut bin = Binary::start_via(cmd, &path);
+    let line = bin
+        .wait_line("the runtime choice", |v| {
+            v["message"].as_str().is_some_and(|m| m.contains("runtime"))
+        })
+        .await;
+    let m = line["message"].as_str().unwrap_or_default();
+    assert!(
+        m.starts_with("current-thread runtime") && m.contains("only one CPU"),
+        "{line}"
+    );
+    // And it serves.
+    let serving = bin
+        .wait_line("the serving line", |v| {
+            v["message"].as_str().is_some_and(|m| m.contains("serving"))
+        })
+        .await;
+    let data: SocketAddr = serving["listener"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("listener address in {serving}"));
+    wait_until("served on one CPU", Duration::from_secs(10), || async {
+        request(data, "api.example.test", "/", "one-cpu")
+            .await
+            .status
+            == 200
+    })
+    .await;
+    bin.stop();
 }

@@ -69,6 +69,8 @@ pub struct DnsConfig {
 pub struct ListenerConfig {
     pub route_header: bool,
     pub access_log: bool,
+    /// Where access-log lines go; `None`: stdout. Reopened on SIGHUP and SIGUSR1.
+    pub access_log_path: Option<PathBuf>,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,

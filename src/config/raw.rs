@@ -35,6 +35,7 @@ pub struct Listener {
     pub proxy_protocol: Option<ProxyProtocol>,
     pub route_header: Option<bool>,
     pub access_log: Option<bool>,
+    pub access_log_path: Option<String>,
     pub max_connections: Option<i64>,
     pub header_read_timeout: Option<String>,
     pub max_header_bytes: Option<i64>,

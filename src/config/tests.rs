@@ -357,3 +357,35 @@ fn the_example_files_parse() {
         }
     }
 }
+
+#[test]
+fn access_log_path() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "address = \"127.0.0.1:8080\"",
+            &format!("address = \"127.0.0.1:8080\"\naccess_log_path = {v:?}"),
+        )
+    };
+    let c = parse("edge.toml", GOOD, &no_env).expect("valid");
+    assert_eq!(c.listener.access_log_path, None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("access.log");
+    let c = parse("edge.toml", &with(&file.display().to_string()), &no_env).expect("valid");
+    assert_eq!(c.listener.access_log_path.as_deref(), Some(file.as_path()));
+    let e = parse_err(&with(""));
+    assert!(
+        e.starts_with("edge.toml: listener.access_log_path: must not be empty"),
+        "{e}"
+    );
+    let e = parse_err(&with(&dir.path().display().to_string()));
+    assert!(
+        e.contains("listener.access_log_path") && e.contains("is a directory"),
+        "{e}"
+    );
+    let missing = dir.path().join("nope").join("access.log");
+    let e = parse_err(&with(&missing.display().to_string()));
+    assert!(
+        e.contains("listener.access_log_path") && e.contains("does not exist"),
+        "{e}"
+    );
+}

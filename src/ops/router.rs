@@ -70,6 +70,8 @@ impl Running {
     pub async fn wait(self) {
         let _ = self.data.await;
         self.router.health.stop();
+        // Lines of the last requests are still in the threads' buffers.
+        crate::telemetry::access::flush();
     }
 }
 
@@ -84,6 +86,44 @@ pub enum DataPlane {
     PerCore(usize),
 }
 
+/// The worker threads `run` gives its runtime, and why, for the log: `--workers` when given;
+/// otherwise one (the current-thread scheduler) when the process may use only one CPU
+/// (affinity or a cgroup quota, both of which `available_parallelism` honours), since a
+/// multi-thread scheduler there only adds cross-thread wake-ups; otherwise one per CPU.
+pub fn runtime_workers(workers: Option<usize>) -> (Option<usize>, String) {
+    let cpus = std::thread::available_parallelism().map(|n| n.get());
+    runtime_workers_for(workers, cpus.ok())
+}
+
+fn runtime_workers_for(workers: Option<usize>, cpus: Option<usize>) -> (Option<usize>, String) {
+    match (workers, cpus) {
+        (Some(n), _) => (
+            Some(n.max(1)),
+            format!(
+                "{} (--workers {n})",
+                if n <= 1 {
+                    "current-thread runtime"
+                } else {
+                    "multi-thread runtime"
+                }
+            ),
+        ),
+        (None, Some(1)) => (
+            Some(1),
+            "current-thread runtime (the process may use only one CPU: affinity or cgroup quota)"
+                .into(),
+        ),
+        (None, Some(n)) => (
+            None,
+            format!("multi-thread runtime, {n} workers (one per CPU the process may use)"),
+        ),
+        (None, None) => (
+            None,
+            "multi-thread runtime (the CPUs available could not be read)".into(),
+        ),
+    }
+}
+
 /// Binds both listeners and starts every task.
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
     start_with(config, config_path, DataPlane::Shared).await
@@ -95,6 +135,8 @@ pub async fn start_with(
     config_path: Option<PathBuf>,
     plane: DataPlane,
 ) -> Result<Running, StartError> {
+    crate::telemetry::access::start(config.listener.access_log_path.as_deref())
+        .map_err(|e| StartError(format!("listener.access_log_path: {e}")))?;
     let metrics = Arc::new(Metrics::new());
     let events = Arc::new(Events::new());
     let health = Arc::new(Health::new(metrics.clone(), events.clone()));
@@ -263,6 +305,9 @@ impl Router {
     /// not rebound (that needs a restart) and the answer says so.
     pub fn reload(&self) -> Result<String, String> {
         let result = self.try_reload();
+        // Also what logrotate's SIGHUP asks for, so even after a failed reload. Before the
+        // reload's own log line: every access line logged before it is out first.
+        self.reopen_logs();
         let label = if result.is_ok() { "success" } else { "failure" };
         // A reload that had to keep part of the old config (restart needed) is a warning.
         let severity = match &result {
@@ -402,6 +447,15 @@ impl Router {
         Ok((msg, kept_old))
     }
 
+    /// Writes the buffered access-log lines and opens its file again (the path of the
+    /// running config): after logrotate moved it away, lines go to the new file.
+    pub fn reopen_logs(&self) {
+        let path = self.config().listener.access_log_path.clone();
+        if let Err(e) = crate::telemetry::access::reopen(path.as_deref()) {
+            error!(target: "reload", "listener.access_log_path: {e}; still writing where it was");
+        }
+    }
+
     /// Stops accepting, turns /readyz to 503 and lets in-flight requests finish.
     pub fn shutdown(&self) {
         if !self.draining.swap(true, Ordering::SeqCst) {
@@ -442,5 +496,23 @@ impl Router {
                 not_ready.join(", ")
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runtime_workers_for;
+
+    #[test]
+    fn one_usable_cpu_means_one_worker_unless_told() {
+        let (w, why) = runtime_workers_for(None, Some(1));
+        assert_eq!(w, Some(1));
+        assert!(why.starts_with("current-thread runtime") && why.contains("one CPU"));
+        assert_eq!(runtime_workers_for(None, Some(4)).0, None);
+        assert_eq!(runtime_workers_for(None, None).0, None);
+        // --workers wins over what the machine offers.
+        assert_eq!(runtime_workers_for(Some(3), Some(1)).0, Some(3));
+        assert_eq!(runtime_workers_for(Some(1), Some(8)).0, Some(1));
+        assert_eq!(runtime_workers_for(Some(0), Some(8)).0, Some(1));
     }
 }

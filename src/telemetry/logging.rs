@@ -1,7 +1,8 @@
 //! Logs: tracing with RUST_LOG-style filters, as text or JSON lines. The writer is
 //! non-blocking so a slow terminal or pipe never stalls the request path.
 //!
-//! Targets worth filtering on: `access` (one event per request, see `proxy::AccessLog`),
+//! Targets worth filtering on: `access` (one line per request, written by its own writer:
+//! see [`super::access`]; RUST_LOG turns it off like any target),
 //! `health` (probe state changes and ejections), `table` (routing table swaps with the old
 //! and new zone order), `reload`, `proxy` (upstream failures). For example
 //! `RUST_LOG=info,access=off` keeps everything but the access log.
@@ -56,5 +57,9 @@ pub fn init(format: Format) -> WorkerGuard {
     if let Err(e) = subscriber(format, env_filter(), writer).try_init() {
         eprintln!("warning: logging already initialised: {e}");
     }
+    super::access::configure(
+        format,
+        tracing::enabled!(target: "access", tracing::Level::INFO),
+    );
     guard
 }

@@ -235,6 +235,9 @@ impl Metrics {
             )
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        if let Ok(c) = super::access::DroppedCollector::new() {
+            let _ = m.registry.register(Box::new(c));
+        }
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::for_self();

@@ -75,6 +75,7 @@ pub(super) fn validate_listeners(
 
     let mut route_header = Shared::new();
     let mut access_log = Shared::new();
+    let mut access_log_path = Shared::new();
     let mut max_connections = Shared::new();
     let mut header_read_timeout = Shared::new();
     let mut max_header_bytes = Shared::new();
@@ -279,6 +280,7 @@ pub(super) fn validate_listeners(
         };
         route_header.set(v, "route_header", &owner, l.route_header)?;
         access_log.set(v, "access_log", &owner, l.access_log)?;
+        access_log_path.set(v, "access_log_path", &owner, l.access_log_path.clone())?;
         max_connections.set(v, "max_connections", &owner, l.max_connections)?;
         header_read_timeout.set(
             v,
@@ -311,6 +313,10 @@ pub(super) fn validate_listeners(
     let shared = ListenerConfig {
         route_header: route_header.get().copied().unwrap_or(false),
         access_log: access_log.get().copied().unwrap_or(true),
+        access_log_path: match access_log_path.get() {
+            None => None,
+            Some(p) => Some(access_log_path_of(v, p)?),
+        },
         max_connections: v.int(
             &format!("{k}.max_connections"),
             max_connections.get().copied(),
@@ -413,4 +419,30 @@ pub(super) fn check_listener_clusters(
         }
     }
     Ok(())
+}
+
+/// `listener.access_log_path`: a file (created when missing) in a directory that exists.
+pub(super) fn access_log_path_of(v: &V<'_>, p: &str) -> Result<PathBuf, ConfigError> {
+    let key = "listener.access_log_path";
+    if p.trim().is_empty() {
+        return Err(v.err(
+            key,
+            "must not be empty (leave the key out to log to stdout)",
+        ));
+    }
+    let path = PathBuf::from(p);
+    if p.ends_with('/') || path.is_dir() {
+        return Err(v.err(key, format!("\"{p}\" is a directory, not a file")));
+    }
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(v.err(
+            key,
+            format!("directory \"{}\" does not exist", parent.display()),
+        ));
+    }
+    Ok(path)
 }

@@ -390,7 +390,12 @@ mod tests {
             b"0\r\nx-sum: a\x7fb\r\n\r\n",
             b"0\r\n\x01x: a\r\n\r\n",
         ] {
-            assert_eq!(scan_all(&[bad]), Err(()), "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                scan_all(&[bad]),
+                Err(()),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -17,7 +17,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::control::{ProxyState, UpstreamClient};
 use crate::dataplane::request::{

@@ -187,24 +187,24 @@ impl Tunnel {
         };
         self.bytes.0.inc_by(sent);
         self.bytes.1.inc_by(received);
-        if self.log {
-            info!(
-                target: "access",
-                method = %self.method,
-                host = %self.host,
-                path = %self.path,
-                status = 101,
-                duration_ms = started.elapsed().as_secs_f64() * 1e3,
-                bytes = received,
-                bytes_up = sent,
-                upgrade = true,
-                error = error.as_deref().unwrap_or("-"),
-                cluster = %self.cluster,
-                zone = %self.zone,
-                endpoint = %self.endpoint,
-                request_id = self.request_id.to_str().unwrap_or("-"),
-                client = %self.client,
-            );
+        let log = crate::telemetry::access::global().filter(|_| self.log);
+        if let Some(log) = log {
+            log.line(|l| {
+                l.bare("method", self.method.as_str());
+                l.bare("host", &self.host);
+                l.bare("path", &self.path);
+                l.u64("status", 101);
+                l.millis("duration_ms", started.elapsed());
+                l.u64("bytes", received);
+                l.u64("bytes_up", sent);
+                l.bool("upgrade", true);
+                l.quoted("error", error.as_deref().unwrap_or("-"));
+                l.bare("cluster", &self.cluster);
+                l.bare("zone", &self.zone);
+                l.bare("endpoint", &self.endpoint);
+                l.quoted("request_id", self.request_id.to_str().unwrap_or("-"));
+                l.addr("client", self.client);
+            });
         }
     }
 }

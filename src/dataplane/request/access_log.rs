@@ -1,6 +1,7 @@
 //! The end of a request: its access-log line and the accounting of the response body.
 
 use super::*;
+use crate::telemetry::access;
 use std::sync::atomic::AtomicBool;
 
 /// Finishes a request when its response body ends or is dropped: releases the in-flight mark,
@@ -61,8 +62,8 @@ impl Completion {
     }
 }
 
-/// One request's access-log record: gathered while the request is routed, written (target
-/// `access`, level info) when the response body ends, or at once for a response the
+/// One request's access-log record: gathered while the request is routed, written (see
+/// [`access`]) when the response body ends, or at once for a response the
 /// router makes itself. Built only when `listener.access_log` is on.
 pub struct AccessLog {
     pub method: Method,
@@ -117,28 +118,34 @@ impl AccessLog {
         self.reason = Some(reason);
     }
 
-    /// Writes the event. `bytes` is the response body sent; `complete` is false when the
-    /// client went away (or the upstream broke off) before the body ended.
+    /// Writes the line to the process's access log. `bytes` is the response body sent;
+    /// `complete` is false when the client went away (or the upstream broke off) before
+    /// the body ended.
     pub fn emit(&self, bytes: u64, complete: bool) {
-        info!(
-            target: "access",
-            method = %self.method,
-            host = %self.host,
-            path = %self.path,
-            status = self.status,
-            // Microsecond precision: no float noise (2.309 ms, not 2.3089679999999997).
-            duration_ms = (self.started.elapsed().as_micros() as f64) / 1e3,
-            bytes,
-            complete,
-            cluster = self.cluster.as_deref(),
-            region = self.region.as_deref(),
-            zone = self.zone.as_deref(),
-            endpoint = self.endpoint.as_deref(),
-            reason = self.reason.map(Reason::as_str),
-            error = self.error,
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            client = %self.client,
-        );
+        if let Some(w) = access::global() {
+            self.write_to(w, bytes, complete);
+        }
+    }
+
+    /// [`AccessLog::emit`] to a given access log.
+    pub fn write_to(&self, log: &Arc<access::AccessWriter>, bytes: u64, complete: bool) {
+        log.line(|l| {
+            l.bare("method", self.method.as_str());
+            l.bare("host", &self.host);
+            l.bare("path", &self.path);
+            l.u64("status", u64::from(self.status));
+            l.millis("duration_ms", self.started.elapsed());
+            l.u64("bytes", bytes);
+            l.bool("complete", complete);
+            l.quoted_opt("cluster", self.cluster.as_deref());
+            l.quoted_opt("region", self.region.as_deref());
+            l.quoted_opt("zone", self.zone.as_deref());
+            l.quoted_opt("endpoint", self.endpoint.as_deref());
+            l.quoted_opt("reason", self.reason.map(Reason::as_str));
+            l.quoted_opt("error", self.error);
+            l.quoted("request_id", self.request_id.to_str().unwrap_or("-"));
+            l.addr("client", self.client);
+        });
     }
 }
 

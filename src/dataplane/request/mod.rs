@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method, StatusCode};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::{Affinity, ClusterConfig, OutlierConfig};
 use crate::control::{Table, UpstreamClient};
