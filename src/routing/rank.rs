@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use crate::config::{Locality, RoutingConfig};
 use crate::routing::table::EndpointEntry;
+use crate::state::estimate::MIN_SAMPLES;
 use crate::state::{zone_estimate, Estimate};
 
 pub type ZoneKey = (Arc<str>, Arc<str>);
@@ -63,6 +64,9 @@ pub fn locality_class(k: &ZoneKey, locality: &Locality) -> u8 {
 
 /// The lead (ms) `challenger` needs over `incumbent` to pass it: both uncertainties, the
 /// hysteresis, and the cross-region margin when it would take traffic out of our region.
+/// An incumbent with too few samples to know its noise does not hide behind that: a zone
+/// clearly faster than its first probes passes it (while a challenger that new must lead
+/// by more than its own estimate, its uncertainty being as large as that).
 pub fn required_lead_ms(
     challenger: (&ZoneKey, &Estimate),
     incumbent: (&ZoneKey, &Estimate),
@@ -76,7 +80,12 @@ pub fn required_lead_ms(
     } else {
         0.0
     };
-    ce.uncertainty_ms + ie.uncertainty_ms + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
+    let iu = if ie.samples < MIN_SAMPLES {
+        0.0
+    } else {
+        ie.uncertainty_ms
+    };
+    ce.uncertainty_ms + iu + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
 }
 
 fn clearly_faster(
