@@ -10,7 +10,8 @@
 //!
 //! The held order becomes the desired one once the desired order has stood unchanged for
 //! `rank_hold`, or at once when its nearest zone is at least twice as fast as the held
-//! nearest one (both with their uncertainty), so a dead-slow zone is left immediately.
+//! nearest one (both with their uncertainty), so a dead-slow zone is left immediately, or
+//! when a zone gets its first estimate (the held order was made without it).
 //! Zones with no available endpoint come after every zone with one, without waiting.
 //! Zones equal within noise therefore always settle in locality order, whatever happened
 //! before: the ranking has no memory of drifts.
@@ -107,6 +108,9 @@ fn clearly_faster(
 #[derive(Default)]
 pub struct Ranker {
     held: HashMap<String, Vec<ZoneKey>>,
+    /// The zones that had an estimate when the held order was taken: a zone measured for
+    /// the first time takes its place at once (the held order knew nothing of it).
+    measured: HashMap<String, Vec<ZoneKey>>,
     pending: HashMap<String, (Vec<ZoneKey>, Instant)>,
 }
 
@@ -150,7 +154,20 @@ impl Ranker {
         }
 
         let same_zones = prev.len() == keys.len() && keys.iter().all(|k| prev.contains(k));
-        let at_once = !same_zones || prev == desired || self.urgent(&prev, &desired, est);
+        let known = self.measured.get(cluster);
+        let newly_measured = keys.iter().any(|k| {
+            est.get(k).is_some_and(|e| e.is_some()) && !known.is_some_and(|m| m.contains(k))
+        });
+        let at_once =
+            !same_zones || newly_measured || prev == desired || self.urgent(&prev, &desired, est);
+        if at_once {
+            let m = keys
+                .iter()
+                .filter(|k| est.get(*k).is_some_and(|e| e.is_some()))
+                .cloned()
+                .collect();
+            self.measured.insert(cluster.to_string(), m);
+        }
         let held = if at_once {
             self.pending.remove(cluster);
             desired
@@ -205,6 +222,7 @@ impl Ranker {
     /// Forgets clusters that left the config.
     pub fn retain(&mut self, keep: &dyn Fn(&str) -> bool) {
         self.held.retain(|k, _| keep(k));
+        self.measured.retain(|k, _| keep(k));
         self.pending.retain(|k, _| keep(k));
     }
 }
