@@ -67,7 +67,8 @@ pub fn locality_class(k: &ZoneKey, locality: &Locality) -> u8 {
 /// hysteresis, and the cross-region margin when it would take traffic out of our region.
 /// An incumbent with too few samples to know its noise does not hide behind that: a zone
 /// clearly faster than its first probes passes it (while a challenger that new must lead
-/// by more than its own estimate, its uncertainty being as large as that).
+/// by more than its own estimate, its uncertainty being as large as that; two zones both
+/// that new are ordered on their probes and the hysteresis alone).
 pub fn required_lead_ms(
     challenger: (&ZoneKey, &Estimate),
     incumbent: (&ZoneKey, &Estimate),
@@ -81,12 +82,15 @@ pub fn required_lead_ms(
     } else {
         0.0
     };
-    let iu = if ie.samples < MIN_SAMPLES {
+    let (c_new, i_new) = (ce.samples < MIN_SAMPLES, ie.samples < MIN_SAMPLES);
+    let iu = if i_new { 0.0 } else { ie.uncertainty_ms };
+    // Two zones both that new (start-up) are ordered on what their probes say.
+    let cu = if c_new && i_new {
         0.0
     } else {
-        ie.uncertainty_ms
+        ce.uncertainty_ms
     };
-    ce.uncertainty_ms + iu + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
+    cu + iu + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
 }
 
 fn clearly_faster(
