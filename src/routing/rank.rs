@@ -10,7 +10,8 @@
 //!
 //! The held order becomes the desired one once the desired order has stood unchanged for
 //! `rank_hold`, or at once when its nearest zone is at least twice as fast as the held
-//! nearest one (both with their uncertainty), so a dead-slow zone is left immediately.
+//! nearest one (both with their uncertainty), so a dead-slow zone is left immediately, or
+//! when a zone gets its first estimate (the held order was made without it).
 //! Zones with no available endpoint come after every zone with one, without waiting.
 //! Zones equal within noise therefore always settle in locality order, whatever happened
 //! before: the ranking has no memory of drifts.
@@ -22,6 +23,7 @@ use std::time::Instant;
 
 use crate::config::{Locality, RoutingConfig};
 use crate::routing::table::EndpointEntry;
+use crate::state::estimate::MIN_SAMPLES;
 use crate::state::{zone_estimate, Estimate};
 
 pub type ZoneKey = (Arc<str>, Arc<str>);
@@ -63,6 +65,10 @@ pub fn locality_class(k: &ZoneKey, locality: &Locality) -> u8 {
 
 /// The lead (ms) `challenger` needs over `incumbent` to pass it: both uncertainties, the
 /// hysteresis, and the cross-region margin when it would take traffic out of our region.
+/// An incumbent with too few samples to know its noise does not hide behind that: a zone
+/// clearly faster than its first probes passes it (while a challenger that new must lead
+/// by more than its own estimate, its uncertainty being as large as that; two zones both
+/// that new are ordered on their probes and the hysteresis alone).
 pub fn required_lead_ms(
     challenger: (&ZoneKey, &Estimate),
     incumbent: (&ZoneKey, &Estimate),
@@ -76,7 +82,15 @@ pub fn required_lead_ms(
     } else {
         0.0
     };
-    ce.uncertainty_ms + ie.uncertainty_ms + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
+    let (c_new, i_new) = (ce.samples < MIN_SAMPLES, ie.samples < MIN_SAMPLES);
+    let iu = if i_new { 0.0 } else { ie.uncertainty_ms };
+    // Two zones both that new (start-up) are ordered on what their probes say.
+    let cu = if c_new && i_new {
+        0.0
+    } else {
+        ce.uncertainty_ms
+    };
+    cu + iu + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
 }
 
 fn clearly_faster(
@@ -98,6 +112,9 @@ fn clearly_faster(
 #[derive(Default)]
 pub struct Ranker {
     held: HashMap<String, Vec<ZoneKey>>,
+    /// The zones that had an estimate when the held order was taken: a zone measured for
+    /// the first time takes its place at once (the held order knew nothing of it).
+    measured: HashMap<String, Vec<ZoneKey>>,
     pending: HashMap<String, (Vec<ZoneKey>, Instant)>,
 }
 
@@ -141,7 +158,20 @@ impl Ranker {
         }
 
         let same_zones = prev.len() == keys.len() && keys.iter().all(|k| prev.contains(k));
-        let at_once = !same_zones || prev == desired || self.urgent(&prev, &desired, est);
+        let known = self.measured.get(cluster);
+        let newly_measured = keys.iter().any(|k| {
+            est.get(k).is_some_and(|e| e.is_some()) && !known.is_some_and(|m| m.contains(k))
+        });
+        let at_once =
+            !same_zones || newly_measured || prev == desired || self.urgent(&prev, &desired, est);
+        if at_once {
+            let m = keys
+                .iter()
+                .filter(|k| est.get(*k).is_some_and(|e| e.is_some()))
+                .cloned()
+                .collect();
+            self.measured.insert(cluster.to_string(), m);
+        }
         let held = if at_once {
             self.pending.remove(cluster);
             desired
@@ -196,6 +226,7 @@ impl Ranker {
     /// Forgets clusters that left the config.
     pub fn retain(&mut self, keep: &dyn Fn(&str) -> bool) {
         self.held.retain(|k, _| keep(k));
+        self.measured.retain(|k, _| keep(k));
         self.pending.retain(|k, _| keep(k));
     }
 }

@@ -857,6 +857,25 @@ cluster = "api"
     }
 
     #[test]
+    fn a_zone_known_from_one_probe_yields_to_a_measured_faster_one() {
+        let cfg = config("");
+        let t0 = Instant::now();
+        // b has one probe (180 ms) and sorts first by name: it does not keep its place
+        // ahead of a measured faster c.
+        let f2 = Fixture::new(&[("r3", "b", 1, 180.0), ("r2", "c", 1, 80.0)]);
+        for e in f2.endpoints.iter().filter(|e| &*e.zone == "b") {
+            e.probes.clear();
+            e.observe_probe(Duration::from_millis(180), cfg_decay());
+        }
+        let mut b2 = TableBuilder::new();
+        f2.build(&mut b2, &cfg, t0);
+        assert_eq!(
+            order(&f2.build(&mut b2, &cfg, t0 + Duration::from_secs(1))),
+            ["c", "b"]
+        );
+    }
+
+    #[test]
     fn a_zone_without_a_healthy_endpoint_never_ranks_ahead_of_a_healthy_one() {
         let f = Fixture::new(&[("r1", "a", 2, 1.0), ("r2", "c", 1, 50.0)]);
         let cfg = config("");
