@@ -19,6 +19,24 @@ pub use validate::{
     parse_duration, parse_endpoint_address, DEFAULT_ADMIN, DEFAULT_LISTENER, DEFAULT_LISTENER_NAME,
 };
 
+/// A number where a duration string belongs ("write 1s, not 1") says so: the key's name
+/// tells a duration (every duration key ends in one of these words).
+fn duration_hint(path: &str, msg: String) -> String {
+    let key = path.rsplit(['.', ' ']).next().unwrap_or(path);
+    let duration_key = [
+        "timeout", "interval", "time", "delay", "hold", "decay", "margin",
+    ]
+    .iter()
+    .any(|w| key.ends_with(w));
+    if duration_key
+        && (msg.contains("invalid type: integer") || msg.contains("invalid type: float"))
+    {
+        format!("{msg}; a duration is a string with a unit: write \"1s\" or \"250ms\", not a bare number")
+    } else {
+        msg
+    }
+}
+
 /// One line naming the file, the key path and the problem.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
@@ -433,6 +451,7 @@ pub fn parse(
             .next()
             .unwrap_or("invalid")
             .to_string();
+        let msg = duration_hint(&path, msg);
         let path = match (path.as_str(), line) {
             (".", Some(l)) | ("", Some(l)) => format!("line {l}"),
             (".", None) | ("", None) => String::new(),

@@ -389,3 +389,12 @@ fn access_log_path() {
         "{e}"
     );
 }
+
+#[test]
+fn a_bare_number_for_a_duration_says_how_to_write_one() {
+    let e = parse_err(&GOOD.replace("interval = \"1s\"", "interval = 1"));
+    assert!(e.contains("interval") && e.contains("write \"1s\""), "{e}");
+    // Not for keys that are not durations.
+    let e = parse_err(&GOOD.replace("address = \"127.0.0.1:8080\"", "address = 5"));
+    assert!(!e.contains("write \"1s\""), "{e}");
+}

@@ -10,6 +10,7 @@ fn raw_listener(v: &V, key: &str, value: toml::Value) -> Result<raw::Listener, C
         let path = e.path().to_string();
         let msg = e.inner().to_string();
         let msg = msg.lines().next().unwrap_or("invalid").to_string();
+        let msg = crate::config::duration_hint(&path, msg);
         if path.is_empty() || path == "." {
             v.err(key, msg)
         } else if key == "listener" {
