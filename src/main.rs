@@ -118,6 +118,9 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Check { config } => match config::load(config) {
             Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}", c.summary());
                 ExitCode::SUCCESS
             }
@@ -152,6 +155,9 @@ fn main() -> ExitCode {
             };
             let relaunch = upgrade::Relaunch::current();
             let _guard = logging::init(log_format);
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
             let relaunch = relaunch
                 .map_err(|e| tracing::warn!("SIGUSR2 upgrades disabled: own path unknown: {e}"))
                 .ok();

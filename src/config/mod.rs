@@ -71,6 +71,9 @@ pub struct Config {
     pub dns: DnsConfig,
     pub clusters: Vec<ClusterConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Likely mistakes that are not errors, one line each naming the file and key:
+    /// `check` prints them and `run` logs them.
+    pub warnings: Vec<String>,
 }
 
 /// How DNS-named endpoints are resolved (`[dns]`).

@@ -398,3 +398,25 @@ fn a_bare_number_for_a_duration_says_how_to_write_one() {
     let e = parse_err(&GOOD.replace("address = \"127.0.0.1:8080\"", "address = 5"));
     assert!(!e.contains("write \"1s\""), "{e}");
 }
+
+#[test]
+fn likely_mistakes_are_warnings_naming_the_key() {
+    let c = parse("edge.toml", GOOD, &no_env).expect("valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let slow = GOOD.replace("timeout = \"500ms\"", "timeout = \"5s\"");
+    let c = parse("edge.toml", &slow, &no_env).expect("valid");
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("health_check.timeout")),
+        "{:?}",
+        c.warnings
+    );
+    let twice = format!("{GOOD}\n[[route]]\npath_prefix = \"/\"\ncluster = \"api\"\n");
+    let c = parse("edge.toml", &twice, &no_env).expect("valid");
+    assert!(
+        c.warnings.iter().any(|w| w.contains("never applies")),
+        "{:?}",
+        c.warnings
+    );
+}
