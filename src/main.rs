@@ -371,7 +371,7 @@ async fn run_demo(opts: DemoOptions) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Ok(mut slot) = running.router.demo.lock() {
+    if let Ok(mut slot) = running.router.zone_controls.lock() {
         *slot = Some(d.clone());
     }
     let (l, a) = (running.router.data_addr, running.router.admin_addr);

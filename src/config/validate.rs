@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 mod listeners;
 mod routes;
+mod warnings;
 pub use listeners::DEFAULT_NAME as DEFAULT_LISTENER_NAME;
 use routes::{host_match, redirect};
 
@@ -388,7 +389,7 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         }
     }
 
-    let warnings = warnings(file, &clusters, &routes);
+    let warnings = warnings::warnings(file, &clusters, &routes);
     Ok(Config {
         warnings,
         source: file.to_string(),
@@ -401,34 +402,6 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         clusters,
         routes,
     })
-}
-
-/// What is valid but almost certainly not meant.
-fn warnings(file: &str, clusters: &[ClusterConfig], routes: &[RouteConfig]) -> Vec<String> {
-    let mut out = Vec::new();
-    for c in clusters {
-        let hc = &c.health_check;
-        if hc.timeout > hc.interval {
-            out.push(format!(
-                "{file}: cluster {:?}: health_check.timeout ({:?}) is longer than \
-                 health_check.interval ({:?}): a probe may still be waiting when the next starts",
-                c.name, hc.timeout, hc.interval
-            ));
-        }
-    }
-    for (j, r) in routes.iter().enumerate() {
-        let same = |q: &RouteConfig| {
-            q.listeners == r.listeners && q.host == r.host && q.path_prefix == r.path_prefix
-        };
-        if let Some(i) = routes[..j].iter().position(same) {
-            out.push(format!(
-                "{file}: route {}: matches exactly what route {} matches, so it never applies",
-                j + 1,
-                i + 1
-            ));
-        }
-    }
-    out
 }
 
 fn validate_cluster(v: &V, p: &str, c: raw::Cluster) -> Result<ClusterConfig, ConfigError> {

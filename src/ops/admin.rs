@@ -177,7 +177,7 @@ async fn handle(
 }
 
 fn demo(router: &Router, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    let demo = router.demo.lock().ok().and_then(|d| d.clone());
+    let demo = router.zone_controls.lock().ok().and_then(|d| d.clone());
     let Some(demo) = demo else {
         return respond(
             StatusCode::NOT_FOUND,

@@ -20,6 +20,14 @@ use crate::ops::doors::{self, bind_door, Door};
 use crate::telemetry::{Events, Metrics, Severity};
 use crate::upstream;
 
+/// Switches the admin API offers under /demo: taking simulated zones down and up.
+pub trait ZoneControls: Send + Sync {
+    /// GET /demo: the zones and their state.
+    fn describe(&self) -> serde_json::Value;
+    /// POST /demo/zones/{zone}/{action}: what happened, or why not.
+    fn set(&self, zone: &str, action: &str) -> Result<String, String>;
+}
+
 /// The running router: what the admin API and the signal handlers act on.
 pub struct Router {
     /// The control plane: config, health, the published table.
@@ -45,8 +53,9 @@ pub struct Router {
     pub handover: crate::ops::upgrade::Handover,
     /// The last minutes of every zone, sampled once a second.
     pub history: Arc<crate::ops::history::History>,
-    /// Demo controls, when the router runs the demo.
-    pub demo: Mutex<Option<Arc<crate::ops::demo::Demo>>>,
+    /// The /demo switches, when something simulated stands behind the router (the demo
+    /// plugs itself in; a production router has none).
+    pub zone_controls: Mutex<Option<Arc<dyn ZoneControls>>>,
 }
 
 /// An error at start-up: the message for stderr and the exit code.
@@ -201,7 +210,7 @@ pub async fn start_with(
         shutdown_tx,
         handover,
         history: Arc::new(crate::ops::history::History::new()),
-        demo: Mutex::new(None),
+        zone_controls: Mutex::new(None),
     });
     metrics.table_generation.set(1);
     metrics.table_swaps.inc();

@@ -288,3 +288,13 @@ async fn answer(
     );
     Ok(Response::new(Full::new(Bytes::from(body))))
 }
+
+impl crate::ops::router::ZoneControls for Demo {
+    fn describe(&self) -> serde_json::Value {
+        serde_json::to_value(Demo::describe(self)).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn set(&self, zone: &str, action: &str) -> Result<String, String> {
+        Demo::set(self, zone, action)
+    }
+}

@@ -1,0 +1,35 @@
+//! Likely mistakes that are still valid config: reported, not refused.
+
+use super::*;
+
+/// What is valid but almost certainly not meant.
+pub(super) fn warnings(
+    file: &str,
+    clusters: &[ClusterConfig],
+    routes: &[RouteConfig],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in clusters {
+        let hc = &c.health_check;
+        if hc.timeout > hc.interval {
+            out.push(format!(
+                "{file}: cluster {:?}: health_check.timeout ({:?}) is longer than \
+                 health_check.interval ({:?}): a probe may still be waiting when the next starts",
+                c.name, hc.timeout, hc.interval
+            ));
+        }
+    }
+    for (j, r) in routes.iter().enumerate() {
+        let same = |q: &RouteConfig| {
+            q.listeners == r.listeners && q.host == r.host && q.path_prefix == r.path_prefix
+        };
+        if let Some(i) = routes[..j].iter().position(same) {
+            out.push(format!(
+                "{file}: route {}: matches exactly what route {} matches, so it never applies",
+                j + 1,
+                i + 1
+            ));
+        }
+    }
+    out
+}
