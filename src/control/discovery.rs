@@ -1,4 +1,4 @@
-//! DNS discovery for endpoints named by DNS (issue 6).
+//! DNS discovery for endpoints named by a DNS name: resolved, then re-resolved as each answer's TTL runs out.
 //!
 //! Each named endpoint gets one background task ([`Discovery::watch`]) that resolves the
 //! name, publishes the address set on a `tokio::sync::watch` channel and re-resolves when
