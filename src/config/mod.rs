@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod locate;
 mod raw;
 mod validate;
 
@@ -41,16 +42,27 @@ fn duration_hint(path: &str, msg: String) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
     pub file: String,
+    /// The key, in the words every message uses (see `locate`); empty for the whole file.
     pub path: String,
     pub problem: String,
+    /// 1-based, when the place is in the file (a missing key has the line of its table).
+    pub line: Option<usize>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            write!(f, "{}: {}", self.file, self.problem)
-        } else {
-            write!(f, "{}: {}: {}", self.file, self.path, self.problem)
+        // The line goes last, so `FILE: KEY: PROBLEM` reads the same with or without it.
+        match (self.path.is_empty(), self.line) {
+            (true, None) => write!(f, "{}: {}", self.file, self.problem),
+            (true, Some(l)) => write!(f, "{}: line {l}: {}", self.file, self.problem),
+            (false, None) => write!(f, "{}: {}: {}", self.file, self.path, self.problem),
+            (false, Some(l)) => {
+                write!(
+                    f,
+                    "{}: {}: {} (line {l})",
+                    self.file, self.path, self.problem
+                )
+            }
         }
     }
 }
@@ -73,7 +85,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Likely mistakes that are not errors, one line each naming the file and key:
     /// `check` prints them and `run` logs them.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<ConfigError>,
 }
 
 /// How DNS-named endpoints are resolved (`[dns]`).
@@ -421,6 +433,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         file: file.clone(),
         path: String::new(),
         problem: format!("cannot read: {e}"),
+        line: None,
     })?;
     parse(&file, &text, &|name| std::env::var(name).ok())
 }
@@ -431,21 +444,22 @@ pub fn parse(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let err = |path: String, problem: String| ConfigError {
+    let err = |path: String, problem: String, line: Option<usize>| ConfigError {
         file: file.to_string(),
         path,
         problem,
+        line,
     };
-    let expanded = expand_env(text, env).map_err(|(line, p)| err(format!("line {line}"), p))?;
+    let expanded = expand_env(text, env).map_err(|(line, p)| err(String::new(), p, Some(line)))?;
     let de = toml::Deserializer::new(&expanded);
     let raw: raw::File = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let line = inner.span().map(|s| {
             expanded[..s.start.min(expanded.len())]
-                .lines()
+                .matches('\n')
                 .count()
-                .max(1)
+                + 1
         });
         // toml's own message spans several lines (a snippet with a caret); keep the first.
         let msg = inner
@@ -455,15 +469,21 @@ pub fn parse(
             .unwrap_or("invalid")
             .to_string();
         let msg = duration_hint(&path, msg);
-        let path = match (path.as_str(), line) {
-            (".", Some(l)) | ("", Some(l)) => format!("line {l}"),
-            (".", None) | ("", None) => String::new(),
-            (p, Some(l)) => format!("{p} (line {l})"),
-            (p, None) => p.to_string(),
+        let path = if path == "." {
+            String::new()
+        } else {
+            locate::serde_path(&expanded, &path)
         };
-        err(path, msg)
+        err(path, msg, line)
     })?;
-    validate(file, raw)
+    let mut config = validate(file, raw).map_err(|mut e| {
+        e.line = locate::line_of(&expanded, &e.path);
+        e
+    })?;
+    for w in &mut config.warnings {
+        w.line = locate::line_of(&expanded, &w.path);
+    }
+    Ok(config)
 }
 
 /// `${NAME}` and `${NAME:-default}` are replaced from the environment, so one file can serve

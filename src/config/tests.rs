@@ -60,7 +60,7 @@ fn the_spec_example_error() {
     let text = GOOD.replace("127.0.0.1:9001", "10.0.0.1");
     assert_eq!(
         parse_err(&text),
-        "edge.toml: cluster \"api\" endpoint 1: address \"10.0.0.1\": missing port"
+        "edge.toml: cluster \"api\" endpoint 1: address \"10.0.0.1\": missing port (line 17)"
     );
 }
 
@@ -115,7 +115,7 @@ fn dns_keys() {
     let e = parse_err(&text.replace("\"30s\"", "\"100ms\""));
     assert_eq!(
         e,
-        "edge.toml: cluster \"api\": dns_max_ttl: must not be less than dns_min_ttl"
+        "edge.toml: cluster \"api\": dns_max_ttl: must not be less than dns_min_ttl (line 14)"
     );
     let e = parse_err(&text.replace("127.0.0.1:5353", "dns.local:53"));
     assert!(e.starts_with("edge.toml: dns.nameserver: "), "{e}");
@@ -406,17 +406,52 @@ fn likely_mistakes_are_warnings_naming_the_key() {
     let slow = GOOD.replace("timeout = \"500ms\"", "timeout = \"5s\"");
     let c = parse("edge.toml", &slow, &no_env).expect("valid");
     assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.contains("health_check.timeout")),
+        c.warnings.iter().any(|w| w.to_string()
+            == "edge.toml: cluster \"api\": health_check.timeout: 5s is longer than \
+                    health_check.interval (1s): a probe may still be waiting when the next starts \
+                    (line 14)"),
         "{:?}",
         c.warnings
     );
     let twice = format!("{GOOD}\n[[route]]\npath_prefix = \"/\"\ncluster = \"api\"\n");
     let c = parse("edge.toml", &twice, &no_env).expect("valid");
     assert!(
-        c.warnings.iter().any(|w| w.contains("never applies")),
+        c.warnings.iter().any(|w| w.to_string()
+            == "edge.toml: route 2: matches exactly what route 1 matches, so it never applies (line 25)"),
         "{:?}",
         c.warnings
+    );
+}
+
+/// A type error serde finds and a value validation refuses name their place the same way:
+/// the table by name or 1-based position, then the key, then the line.
+#[test]
+fn one_index_style_in_every_message() {
+    let weight = |w: &str| {
+        GOOD.replacen(
+            "\"127.0.0.1:9001\"\n",
+            &format!("\"127.0.0.1:9001\"\nweight = {w}\n"),
+            1,
+        )
+    };
+    let typed = parse_err(&weight("\"heavy\""));
+    let ranged = parse_err(&weight("5000"));
+    let line = GOOD
+        .lines()
+        .position(|l| l.contains("127.0.0.1:9001"))
+        .map(|i| i + 2);
+    let tail = format!("(line {})", line.unwrap_or(0));
+    for e in [&typed, &ranged] {
+        assert!(
+            e.starts_with("edge.toml: cluster \"api\" endpoint 1: weight: "),
+            "{e}"
+        );
+        assert!(e.ends_with(&tail), "{e} should end with {tail}");
+        assert!(!e.contains('['), "no 0-based brackets: {e}");
+    }
+    let route = parse_err(&GOOD.replace("cluster = \"api\"", "cluster = 7"));
+    assert!(
+        route.starts_with("edge.toml: route 1: cluster: "),
+        "{route}"
     );
 }

@@ -108,6 +108,7 @@ impl V<'_> {
             file: self.file.to_string(),
             path: path.into(),
             problem: problem.into(),
+            line: None,
         }
     }
 

@@ -7,15 +7,19 @@ pub(super) fn warnings(
     file: &str,
     clusters: &[ClusterConfig],
     routes: &[RouteConfig],
-) -> Vec<String> {
+) -> Vec<ConfigError> {
     let mut out = Vec::new();
     for c in clusters {
         let hc = &c.health_check;
         if hc.timeout > hc.interval {
-            out.push(format!(
-                "{file}: cluster {:?}: health_check.timeout ({:?}) is longer than \
-                 health_check.interval ({:?}): a probe may still be waiting when the next starts",
-                c.name, hc.timeout, hc.interval
+            out.push(warning(
+                file,
+                format!("cluster {:?}: health_check.timeout", c.name),
+                format!(
+                    "{:?} is longer than health_check.interval ({:?}): a probe may still be \
+                     waiting when the next starts",
+                    hc.timeout, hc.interval
+                ),
             ));
         }
     }
@@ -24,12 +28,24 @@ pub(super) fn warnings(
             q.listeners == r.listeners && q.host == r.host && q.path_prefix == r.path_prefix
         };
         if let Some(i) = routes[..j].iter().position(same) {
-            out.push(format!(
-                "{file}: route {}: matches exactly what route {} matches, so it never applies",
-                j + 1,
-                i + 1
+            out.push(warning(
+                file,
+                format!("route {}", j + 1),
+                format!(
+                    "matches exactly what route {} matches, so it never applies",
+                    i + 1
+                ),
             ));
         }
     }
     out
+}
+
+fn warning(file: &str, path: String, problem: String) -> ConfigError {
+    ConfigError {
+        file: file.to_string(),
+        path,
+        problem,
+        line: None,
+    }
 }
