@@ -400,6 +400,28 @@ pub struct RouteConfig {
     pub timeout: Duration,
     /// Per-route override of the cluster's hedging switch.
     pub hedge: Option<bool>,
+    /// Replaces the matched `path_prefix` in the path sent upstream.
+    pub rewrite_prefix: Option<String>,
+    /// Applied to the request before it goes upstream.
+    pub request_headers: HeaderActions,
+    /// Applied to the upstream's response before it goes to the client (not to the
+    /// router's own replies).
+    pub response_headers: HeaderActions,
+}
+
+/// A route's header edits, applied in this order: `remove`, then `set` (replaces every
+/// line of that name), then `add` (one more line, whatever is there). Names are lower case.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderActions {
+    pub remove: Vec<http::HeaderName>,
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl HeaderActions {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -198,6 +198,21 @@ pub struct Route {
     pub redirect: Option<Redirect>,
     pub timeout: Option<String>,
     pub hedge: Option<bool>,
+    pub rewrite_prefix: Option<String>,
+    pub request_headers: Option<HeaderActions>,
+    pub response_headers: Option<HeaderActions>,
+}
+
+/// `{ add = { name = value }, set = { name = value }, remove = [name] }`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderActions {
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Deserialize)]

@@ -455,3 +455,58 @@ fn one_index_style_in_every_message() {
         "{route}"
     );
 }
+
+#[test]
+fn route_actions_are_parsed_and_bad_ones_name_their_key() {
+    let http = |route: &str| {
+        format!(
+            "[listener]\naddress = \"127.0.0.1:8080\"\n{}\n[[route]]\ncluster = \"db\"\n{route}\n",
+            BASE.replace("send_proxy_protocol = \"v2\"\n", "")
+        )
+    };
+    let c = parse(
+        "edge.toml",
+        &http("path_prefix = \"/api/\"\nrewrite_prefix = \"/v2/\"\nrequest_headers = { add = { \"X-A\" = \"1\" }, set = { \"x-b\" = \"two words\" }, remove = [\"x-c\"] }\nresponse_headers = { remove = [\"server\"] }"),
+        &no_env,
+    )
+    .expect("valid");
+    let r = &c.routes[0];
+    assert_eq!(r.rewrite_prefix.as_deref(), Some("/v2/"));
+    assert_eq!(
+        r.request_headers.add[0].0.as_str(),
+        "x-a",
+        "names are lower-cased"
+    );
+    assert_eq!(r.request_headers.set[0].1, "two words");
+    assert_eq!(r.request_headers.remove[0].as_str(), "x-c");
+    assert_eq!(r.response_headers.remove[0].as_str(), "server");
+    assert!(r.response_headers.add.is_empty());
+
+    let cases = [
+        ("request_headers = { add = { \"x a\" = \"1\" } }", "route 1: request_headers.add.\"x a\": \"x a\" is not a valid header name"),
+        ("request_headers = { set = { \"x-a\" = \"bad\\nvalue\" } }", "route 1: request_headers.set.\"x-a\": \"bad\\nvalue\" is not a valid header value"),
+        ("request_headers = { add = { \"x-a\" = \" padded\" } }", "route 1: request_headers.add.\"x-a\": \" padded\" is not a valid header value"),
+        ("request_headers = { add = { \"Host\" = \"a\" } }", "route 1: request_headers.add.\"Host\": \"Host\" may not be changed by a route: it is what the request was routed on"),
+        ("response_headers = { remove = [\"x-a\", \"Content-Length\"] }", "route 1: response_headers.remove 2: \"Content-Length\" may not be changed by a route: it frames the body"),
+        ("request_headers = { remove = [\"connection\"] }", "route 1: request_headers.remove 1: \"connection\" may not be changed by a route: it is hop-by-hop"),
+        ("response_headers = { set = { \"transfer-encoding\" = \"chunked\" } }", "may not be changed by a route: it frames the body"),
+        ("request_headers = { set = { \"x-forwarded-for\" = \"1.2.3.4\" } }", "is written by the router itself"),
+        ("request_headers = { remove = [\"x-a\"], add = { \"x-a\" = \"1\" } }", "route 1: request_headers.add.\"x-a\": is also removed or set"),
+        ("request_headers = { append = { \"x-a\" = \"1\" } }", "unknown field `append`"),
+        ("rewrite_prefix = \"v2\"", "route 1: rewrite_prefix: \"v2\" must be empty or a path starting with /"),
+        ("rewrite_prefix = \"/a b\"", "route 1: rewrite_prefix:"),
+        ("rewrite_prefix = \"/a?b\"", "route 1: rewrite_prefix:"),
+    ];
+    for (route, want) in cases {
+        let e = parse_err(&http(route));
+        assert!(e.contains(want), "want {want:?} in {e:?}");
+    }
+    let redirect = format!(
+        "[listener]\naddress = \"127.0.0.1:8080\"\n{BASE}\n[[route]]\nredirect = {{ scheme = \"https\" }}\nresponse_headers = {{ add = {{ \"x-a\" = \"1\" }} }}\n"
+    );
+    let e = parse_err(&redirect);
+    assert!(
+        e.contains("route 1: response_headers: a redirect route forwards nothing"),
+        "{e}"
+    );
+}

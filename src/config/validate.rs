@@ -8,7 +8,7 @@ mod listeners;
 mod routes;
 mod warnings;
 pub use listeners::DEFAULT_NAME as DEFAULT_LISTENER_NAME;
-use routes::{host_match, redirect};
+use routes::{actions, host_match, redirect};
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -295,8 +295,9 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         ));
     }
     let mut routes = Vec::with_capacity(raw.route.len());
-    for (ri, r) in raw.route.into_iter().enumerate() {
+    for (ri, mut r) in raw.route.into_iter().enumerate() {
         let p = format!("route {}", ri + 1);
+        let acts = actions(&v, &p, &mut r)?;
         let named = match r.listener {
             None => Vec::new(),
             Some(raw::OneOrMany::One(n)) => vec![n],
@@ -370,6 +371,9 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
                 Duration::from_secs(30),
             )?,
             hedge: r.hedge,
+            rewrite_prefix: acts.rewrite_prefix,
+            request_headers: acts.request_headers,
+            response_headers: acts.response_headers,
         });
     }
 

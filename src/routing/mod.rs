@@ -5,6 +5,7 @@
 pub mod balancer;
 pub mod rank;
 pub mod redirect;
+pub mod rewrite;
 pub mod table;
 
 pub use table::{ClusterTable, Reason, RoutingTable, ZoneTable};

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{ClusterConfig, Config, HostMatch, Redirect, RouteAction};
+use crate::config::{ClusterConfig, Config, HeaderActions, HostMatch, Redirect, RouteAction};
 use crate::routing::rank::{zone_estimate_of, Ranker, ZoneKey};
 use crate::state::{ClusterShared, EndpointState, Estimate};
 use crate::telemetry::metrics::{ClusterMetrics, ZoneMetrics};
@@ -87,6 +87,11 @@ pub struct RouteEntry {
     pub cluster: usize,
     pub timeout: Duration,
     pub hedge: bool,
+    /// Replaces `path_prefix` in the path sent upstream ([`crate::routing::rewrite::path`]).
+    pub rewrite_prefix: Option<String>,
+    pub request_headers: HeaderActions,
+    /// Edits of the upstream's response; the router's own replies keep theirs.
+    pub response_headers: HeaderActions,
 }
 
 pub struct ClusterTable<C> {
@@ -224,6 +229,9 @@ impl TableBuilder {
                             .iter()
                             .any(|c| c.config.name == target && c.config.hedge.enabled)
                     }),
+                    rewrite_prefix: r.rewrite_prefix.clone(),
+                    request_headers: r.request_headers.clone(),
+                    response_headers: r.response_headers.clone(),
                 }
             })
             .collect();

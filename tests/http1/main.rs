@@ -36,6 +36,7 @@ macro_rules! both_engines {
     };
 }
 
+mod actions;
 mod connections;
 mod framing;
 mod headers;

@@ -262,7 +262,14 @@ async fn forward(
         let (ep, _) = x.target();
         let in_flight = InFlight::new(ep.clone());
         let sent = Instant::now();
-        let attempt = send(&first, ep, connect_timeout, head_method, x.idempotent());
+        let attempt = send(
+            &first,
+            ep,
+            connect_timeout,
+            head_method,
+            x.idempotent(),
+            x.response_headers,
+        );
         let failure = match tokio::time::timeout_at(x.deadline.into(), attempt).await {
             Ok(Ok(head)) => {
                 x.responded(head.start.status, sent);

@@ -2,6 +2,7 @@
 //! hyper, or forward with the upstream head already written).
 
 use super::*;
+use crate::routing::rewrite;
 
 /// Whether `buf` holds the blank line that ends a head (CRLF CRLF, or bare LFs as httparse
 /// accepts them). `scanned` carries over what was already searched.
@@ -319,7 +320,7 @@ pub(super) fn prepare<'t>(
         started,
         timeout: route.timeout,
     };
-    let exchange = match Exchange::begin(cluster, begin, log) {
+    let mut exchange = match Exchange::begin(cluster, begin, log) {
         Ok(x) => x,
         Err(reply) => {
             return Step::Reply(Reply {
@@ -331,17 +332,25 @@ pub(super) fn prepare<'t>(
         }
     };
 
+    exchange.response_headers = &route.response_headers;
+
     // The upstream head: the request line, the end-to-end headers as sent (names in their
-    // case, Host kept), then the forwarding headers and the framing this path writes itself.
+    // case, Host kept) less the route's removals, then the route's additions, the
+    // forwarding headers and the framing this path writes itself.
     let mut up = Scratch::take();
     up.extend_from_slice(method.as_bytes());
     up.push(b' ');
-    up.extend_from_slice(target.as_bytes());
+    match &route.rewrite_prefix {
+        Some(r) => up.extend_from_slice(rewrite::path(target, &route.path_prefix, r).as_bytes()),
+        None => up.extend_from_slice(target.as_bytes()),
+    }
     up.extend_from_slice(b" HTTP/1.1\r\n");
+    let edits = &route.request_headers;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let host_line = name.eq_ignore_ascii_case(b"host");
         if wire::is_hop_by_hop(name, h.value)
+            || (!edits.is_empty() && rewrite::drops(edits, name))
             // Connection may not remove Host: the upstream must see what was routed.
             || (conn.names(name) && !host_line)
             || shared::is_forwarding_lookalike(name)
@@ -354,6 +363,9 @@ pub(super) fn prepare<'t>(
             continue;
         }
         wire::put_header(&mut up, name, h.value);
+    }
+    for (n, v) in rewrite::written(edits) {
+        wire::put_header(&mut up, n.as_ref(), v.as_bytes());
     }
     up.extend_from_slice(b"x-forwarded-for: ");
     if let Some(prev) = xff.filter(|v| !v.is_empty()) {

@@ -101,7 +101,9 @@ mod fuzz {
                 head.extend_from_slice(PIECES[next(PIECES.len())]);
             }
             let head_method = next(2) == 0;
-            if let Ok(Some(start)) = response_start(&head, head_method) {
+            if let Ok(Some(start)) =
+                response_start(&head, head_method, &crate::routing::rewrite::NO_EDITS)
+            {
                 accepted += 1;
                 let mut out = start.out.to_vec();
                 out.extend_from_slice(b"\r\n");

@@ -2,6 +2,8 @@
 //! connection or a new one, and the response head rewritten for the client.
 
 use super::*;
+use crate::config::HeaderActions;
+use crate::routing::rewrite;
 
 /// Why an upstream attempt failed before a response head arrived.
 pub(super) enum Failure {
@@ -29,6 +31,7 @@ pub(super) async fn send(
     connect_timeout: Duration,
     head_method: bool,
     idempotent: bool,
+    edits: &HeaderActions,
 ) -> Result<Head, Failure> {
     let (mut conn, mut reused) = ep
         .idle
@@ -47,7 +50,7 @@ pub(super) async fn send(
         }
         let mut rbuf = take_buf();
         loop {
-            match response_start(&rbuf, head_method) {
+            match response_start(&rbuf, head_method, edits) {
                 Ok(Some(start)) if start.informational => {
                     // 100 Continue and friends: not for the client of this path.
                     rbuf.advance(start.head_len);
@@ -105,7 +108,13 @@ pub(super) struct ResponseStart {
     pub(super) has_date: bool,
 }
 
-pub(super) fn response_start(rbuf: &[u8], head_method: bool) -> io::Result<Option<ResponseStart>> {
+/// Parses a response head and writes it for the client: hop-by-hop and framing headers
+/// dropped, the route's `edits` applied.
+pub(super) fn response_start(
+    rbuf: &[u8],
+    head_method: bool,
+    edits: &HeaderActions,
+) -> io::Result<Option<ResponseStart>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(rbuf) {
@@ -173,10 +182,14 @@ pub(super) fn response_start(rbuf: &[u8], head_method: bool) -> io::Result<Optio
             || conn.names(name)
             || framing_header
             || name.eq_ignore_ascii_case(b"x-request-id")
+            || (!edits.is_empty() && rewrite::drops(edits, name))
         {
             continue;
         }
         wire::put_header(&mut out, name, h.value);
+    }
+    for (n, v) in rewrite::written(edits) {
+        wire::put_header(&mut out, n.as_ref(), v.as_bytes());
     }
     match framing {
         Framing::Length(n) => {

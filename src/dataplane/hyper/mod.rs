@@ -23,8 +23,8 @@ use crate::control::{ProxyState, UpstreamClient};
 use crate::dataplane::request::{
     self, AccessLog, AttemptError, Completion, ErrorKind, ErrorReply, Exchange, Next,
 };
-use crate::routing::balancer;
 use crate::routing::table::{ClusterTable, Reason};
+use crate::routing::{balancer, rewrite};
 use crate::state::InFlight;
 use crate::upstream::{self, RequestBody};
 
@@ -89,7 +89,7 @@ fn default_port<B>(req: &Request<B>) -> u16 {
 /// Entry point for every downstream request.
 pub async fn handle(
     state: Arc<ProxyState>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     client: SocketAddr,
     https: bool,
     listener: u64,
@@ -154,10 +154,15 @@ pub async fn handle(
         started,
         timeout: route.timeout,
     };
-    let x = match Exchange::begin(cluster, begin, log) {
+    let mut x = match Exchange::begin(cluster, begin, log) {
         Ok(x) => x,
         Err(r) => return Ok(error_exit(r, &request_id)),
     };
+    x.response_headers = &route.response_headers;
+    rewrite::apply(&route.request_headers, req.headers_mut());
+    if let Some(r) = &route.rewrite_prefix {
+        rewrite_target(req.uri_mut(), &route.path_prefix, r);
+    }
     let route_header = table.config.listener.route_header;
     let mut resp = if is_upgrade(&req) {
         forward_upgrade(x, req, host, client, https, &request_id, route_header).await
@@ -421,6 +426,7 @@ fn finish_response(
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     remove_hop_by_hop(&mut parts.headers);
+    rewrite::apply(x.response_headers, &mut parts.headers);
     // An HTTP/1.0 upstream's version is not the client's: the server speaks its own.
     parts.version = Version::HTTP_11;
     if let Some(v) = route_header {
@@ -442,6 +448,24 @@ fn finish_response(
         }
     };
     Response::from_parts(parts, body)
+}
+
+/// Replaces the route's `prefix` in the target's path (scheme and authority kept).
+fn rewrite_target(uri: &mut Uri, prefix: &str, replacement: &str) {
+    let Some(pq) = uri.path_and_query() else {
+        return;
+    };
+    // The client's path was valid and the replacement is checked at config time, so this
+    // parses; if it ever did not, the request goes with its path unchanged.
+    let Ok(pq) = PathAndQuery::try_from(rewrite::path(pq.as_str(), prefix, replacement).as_ref())
+    else {
+        return;
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(pq);
+    if let Ok(u) = Uri::from_parts(parts) {
+        *uri = u;
+    }
 }
 
 /// `scheme://addr/path?query` for the upstream request; `addr` is the endpoint's label (its

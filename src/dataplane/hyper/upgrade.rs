@@ -108,6 +108,7 @@ pub(super) async fn forward_upgrade(
                         rparts.headers.remove(name);
                     }
                 }
+                rewrite::apply(x.response_headers, &mut rparts.headers);
                 if let Some(v) = route {
                     rparts.headers.insert(&X_EDGE_ROUTE, v);
                 }

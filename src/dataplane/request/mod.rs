@@ -207,6 +207,8 @@ pub struct Exchange<'t> {
     pub log: Option<AccessLog>,
     /// The status of the response head, once one came.
     status: u16,
+    /// The route's edits of the upstream's response (not of the router's own replies).
+    pub response_headers: &'t crate::config::HeaderActions,
 }
 
 /// What [`Exchange::begin`] needs to know of a request.
@@ -249,6 +251,7 @@ impl<'t> Exchange<'t> {
                 idempotent: idempotent(b.method),
                 log,
                 status: 0,
+                response_headers: &crate::routing::rewrite::NO_EDITS,
             }),
             Err(kind) => {
                 cluster.runtime.metrics.error(kind.as_str());
