@@ -9,6 +9,8 @@
 # Workloads (--workload): plain HTTP/1.1 keep-alive (default); access-log (the same with
 # each proxy's buffered access log on); https (HTTP/1.1 keep-alive over TLS); handshake
 # (a new TLS connection per request); h2c and h2 (HTTP/2 cleartext / over TLS, h2load).
+# TCP mode (--workload tcp): benches/tcp_compare.sh, edge-router's tcp listener vs HAProxy
+# `mode tcp` vs nginx `stream` (1 MiB transfers/s, connections/s); its own options.
 # Second mode (--idle-conns N): RSS of each proxy idle and with N idle keep-alive
 # connections held open.
 #
@@ -46,6 +48,8 @@ Throughput mode (default) options; each also readable from the environment:
                                   h2c: HTTP/2 prior knowledge, h2load -c H2_CONNS -m
                                     H2_STREAMS; h2: HTTP/2 over TLS (ALPN), h2load
                                   TLS: one self-signed P-256 certificate (openssl).
+                                  tcp: layer 4, run by benches/tcp_compare.sh (its
+                                    options: benches/tcp_compare.sh --help)
                                   No baseline row except for plain and access-log.
   --quick                         1 round, 3s runs, 1s warm-up (a smoke test)
 Idle-connection mode:
@@ -65,6 +69,15 @@ EOF
 }
 
 # ---------------------------------------------------------------- arguments
+# The TCP workload has its own script (other proxies' configs, its own load tool).
+prev=""
+for a in "$@"; do
+  if [ "$prev" = --workload ] && [ "$a" = tcp ]; then WORKLOAD=tcp; fi
+  prev=$a
+done
+if [ "${WORKLOAD:-}" = tcp ]; then
+  exec "$(dirname "${BASH_SOURCE[0]}")/tcp_compare.sh" "$@"
+fi
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}

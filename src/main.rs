@@ -261,6 +261,7 @@ struct Start {
 }
 
 async fn run(cfg: config::Config, start: Start, plane: server::DataPlane) -> ExitCode {
+    raise_open_files_limit(cfg.listener.max_connections);
     let running = match server::start_with(cfg, Some(start.path), plane).await {
         Ok(r) => r,
         Err(e) => {
@@ -279,6 +280,36 @@ async fn run(cfg: config::Config, start: Start, plane: server::DataPlane) -> Exi
     upgrade::notify_systemd();
     running.wait().await;
     ExitCode::SUCCESS
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime and HAProxy do: the
+/// usual soft default of 1024 would cap the router near 500 proxied connections (each holds
+/// a client and an upstream socket) whatever `max_connections` says. Warns when even the
+/// hard limit is below what `max_connections` needs.
+fn raise_open_files_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current != now.maximum {
+        let raised = Rlimit {
+            current: now.maximum,
+            maximum: now.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("could not raise the open files limit to the hard limit: {e}");
+        }
+    }
+    // Two sockets per connection, and some for listeners, probes, pools and logs.
+    let need = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if let Some(limit) = getrlimit(Resource::Nofile).current {
+        if limit < need {
+            tracing::warn!(
+                "open files limit is {limit}, below the {need} that listener.max_connections = \
+                 {max_connections} needs; raise the hard limit (ulimit -Hn, LimitNOFILE=)"
+            );
+        }
+    }
 }
 
 /// SIGHUP reloads (and reopens the access log); SIGUSR1 reopens the access log; SIGTERM and

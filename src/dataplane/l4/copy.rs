@@ -9,6 +9,13 @@
 //! buffers (one per direction, [`BUF_SIZE`] each) live as long as the connection, reused
 //! for every read.
 //!
+//! The upstream's reply time is reported once per connection, at its first byte: measured
+//! from the first bytes written to the upstream (the client's first bytes, or a ClientHello
+//! or PROXY header sent ahead of them), or from the start of the copy when the upstream
+//! speaks first (a greeting, a banner). That is the layer-4 counterpart of an HTTP
+//! response's time to headers: what the upstream took to answer, without the time a client
+//! took to say something.
+//!
 //! The idle timeout fires only when neither direction has moved a byte for the whole
 //! period: a download with a silent client, or an upload with a silent server, is busy,
 //! not idle. Activity is one timestamp shared by both directions, refreshed on every read
@@ -57,12 +64,15 @@ impl ByteCounters {
 /// and to the client. Fails with [`io::ErrorKind::TimedOut`] when no byte has moved either
 /// way for `idle_timeout` (a timeout too large to represent never fires), or with the
 /// first I/O error of either side; either way `counters` hold what was written until then.
+/// `on_reply` is called once, when the upstream's first byte arrives, with the time it
+/// took (see the module's doc); never when the upstream sends nothing.
 pub async fn splice<C, U>(
     client: &mut C,
     upstream: &mut U,
     initial: &[u8],
     idle_timeout: Duration,
     counters: &ByteCounters,
+    on_reply: &(dyn Fn(Duration) + Sync),
 ) -> io::Result<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -73,11 +83,17 @@ where
         inner: client,
         activity: &activity,
         written: &counters.to_client,
+        reply: None,
     };
     let mut upstream = Metered {
         inner: upstream,
         activity: &activity,
         written: &counters.to_upstream,
+        reply: Some(ReplyClock {
+            start: Instant::now(),
+            sent: None,
+            report: Some(on_reply),
+        }),
     };
     let copy = async {
         if !initial.is_empty() {
@@ -148,6 +164,30 @@ struct Metered<'a, S: ?Sized> {
     inner: &'a mut S,
     activity: &'a Activity,
     written: &'a AtomicU64,
+    /// The upstream side only: when it was first written to, and whom to tell how long its
+    /// first byte took.
+    reply: Option<ReplyClock<'a>>,
+}
+
+struct ReplyClock<'a> {
+    start: Instant,
+    sent: Option<Instant>,
+    /// Taken when it has been called.
+    report: Option<&'a (dyn Fn(Duration) + Sync)>,
+}
+
+impl ReplyClock<'_> {
+    fn wrote(&mut self) {
+        if self.sent.is_none() && self.report.is_some() {
+            self.sent = Some(Instant::now());
+        }
+    }
+
+    fn read(&mut self) {
+        if let Some(report) = self.report.take() {
+            report(self.sent.unwrap_or(self.start).elapsed());
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Metered<'_, S> {
@@ -160,6 +200,9 @@ impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Metered<'_, S> {
         let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.touch();
+            if let Some(r) = self.reply.as_mut() {
+                r.read();
+            }
         }
         result
     }
@@ -175,6 +218,9 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Metered<'_, S> {
         if let Poll::Ready(Ok(n)) = result {
             if n > 0 {
                 self.activity.touch();
+                if let Some(r) = self.reply.as_mut() {
+                    r.wrote();
+                }
                 self.written
                     .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
             }

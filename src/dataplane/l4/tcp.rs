@@ -4,9 +4,16 @@
 //!
 //! A connect that fails is retried on another endpoint (another zone first) before any
 //! client byte has gone upstream, so a dead zone costs a client nothing but the connect
-//! timeout. The connect round trip is the endpoint's latency sample, like a probe's.
+//! timeout.
+//!
+//! Each connection gives its endpoint one latency sample, the counterpart of an HTTP
+//! response's time to headers: the connect round trip plus the time the upstream took to
+//! send its first byte (from the first bytes forwarded to it, or from the connect when it
+//! speaks first; see [`l4::splice`]). A connection on which the upstream never sends a
+//! byte gives the connect round trip alone, when it ends.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,7 +148,9 @@ async fn connection(mut client: TcpStream, peer: SocketAddr, control: &Control, 
     let Some(cluster) = table.cluster(&cluster_name) else {
         return reject("no_cluster");
     };
-    let Some((mut upstream, in_flight, why)) = dial(cluster, source, name, control).await else {
+    let Some((mut upstream, in_flight, why, connect_rtt)) =
+        dial(cluster, source, name, control).await
+    else {
         return reject("no_endpoint");
     };
     let ep = in_flight.endpoint().clone();
@@ -157,7 +166,23 @@ async fn connection(mut client: TcpStream, peer: SocketAddr, control: &Control, 
     initial.extend_from_slice(&hello);
     let started = Instant::now();
     let counters = l4::ByteCounters::new();
-    let result = l4::splice(&mut client, &mut upstream, &initial, idle, &counters).await;
+    let replied = AtomicBool::new(false);
+    let on_reply = |wait: Duration| {
+        replied.store(true, Ordering::Relaxed);
+        ep.observe(connect_rtt + wait, cluster.decay);
+    };
+    let result = l4::splice(
+        &mut client,
+        &mut upstream,
+        &initial,
+        idle,
+        &counters,
+        &on_reply,
+    )
+    .await;
+    if !replied.load(Ordering::Relaxed) {
+        ep.observe(connect_rtt, cluster.decay);
+    }
     if let Err(e) = result {
         debug!(%peer, listener = name, endpoint = %ep.label, why, "connection ended: {e}");
     }
@@ -215,13 +240,14 @@ pub fn first_pick<'t, C>(
 }
 
 /// Connects to the picked endpoint, and on failure to others (another zone first), up to
-/// the cluster's retry attempts. Every failure counts against its endpoint.
+/// the cluster's retry attempts. Every failure counts against its endpoint. With the
+/// connection, the reason of the pick and the connect round trip.
 async fn dial(
     cluster: &ClusterTable<crate::control::UpstreamClient>,
     client: SocketAddr,
     listener: &str,
     control: &Control,
-) -> Option<(TcpStream, InFlight, &'static str)> {
+) -> Option<(TcpStream, InFlight, &'static str, Duration)> {
     let cfg = &cluster.config;
     let mut pick = first_pick(cluster, client)?;
     let mut reason = pick.reason;
@@ -231,9 +257,8 @@ async fn dial(
         let started = Instant::now();
         match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(s)) => {
-                ep.observe(started.elapsed(), cluster.decay);
                 ep.record_outcome(false, &cfg.outlier);
-                return Some((s, in_flight, reason.as_str()));
+                return Some((s, in_flight, reason.as_str(), started.elapsed()));
             }
             Ok(Err(e)) => {
                 debug!(listener, endpoint = %ep.label, attempt, "connect failed: {e}");

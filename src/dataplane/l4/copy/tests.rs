@@ -35,6 +35,7 @@ async fn proxied(
             initial,
             idle,
             &counters,
+            &|_| {},
         )
         .await;
         (r, counters)
@@ -212,8 +213,85 @@ fn splice_can_run_on_a_spawned_task() {
     fn assert_send<F: std::future::Future + Send>(_: F) {}
     let counters = ByteCounters::new();
     let _ = |mut a: TcpStream, mut b: TcpStream| {
-        assert_send(
-            async move { splice(&mut a, &mut b, b"", Duration::from_secs(1), &counters).await },
-        )
+        assert_send(async move {
+            splice(
+                &mut a,
+                &mut b,
+                b"",
+                Duration::from_secs(1),
+                &counters,
+                &|_| {},
+            )
+            .await
+        })
     };
+}
+
+/// How long the client stays silent before it speaks.
+const SILENCE: Duration = Duration::from_secs(1);
+
+/// Runs a splice whose upstream waits `delay` after its first read (or, when it speaks
+/// first, after the connection) before it answers; the reply times reported.
+async fn reply_times(server_speaks_first: bool, delay: Duration) -> Vec<Duration> {
+    let (mut client_app, mut proxy_client) = tcp_pair().await;
+    let (mut proxy_upstream, mut upstream_app) = tcp_pair().await;
+    let upstream = tokio::spawn(async move {
+        if !server_speaks_first {
+            let mut b = [0u8; 5];
+            upstream_app.read_exact(&mut b).await.unwrap();
+        }
+        tokio::time::sleep(delay).await;
+        upstream_app.write_all(b"reply").await.unwrap();
+        upstream_app.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = upstream_app.read_to_end(&mut rest).await;
+    });
+    let client = tokio::spawn(async move {
+        // A client that takes its time to speak: not the upstream's time.
+        tokio::time::sleep(SILENCE).await;
+        client_app.write_all(b"hello").await.unwrap();
+        client_app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"reply");
+    });
+    let times = std::sync::Mutex::new(Vec::new());
+    let counters = ByteCounters::new();
+    let report = |d: Duration| times.lock().unwrap().push(d);
+    tokio::time::timeout(
+        GUARD,
+        splice(
+            &mut proxy_client,
+            &mut proxy_upstream,
+            b"",
+            GUARD,
+            &counters,
+            &report,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    upstream.await.unwrap();
+    client.await.unwrap();
+    times.into_inner().unwrap()
+}
+
+#[tokio::test]
+async fn the_reply_time_runs_from_the_first_forwarded_bytes_to_the_first_reply_byte() {
+    let delay = Duration::from_millis(150);
+    let times = reply_times(false, delay).await;
+    assert_eq!(times.len(), 1, "reported once: {times:?}");
+    assert!(times[0] >= delay, "{times:?}");
+    // The client's silence before it spoke is not counted: the reply came `delay` after
+    // the client's bytes, `SILENCE` + `delay` after the copy began.
+    assert!(times[0] < SILENCE, "{times:?}");
+}
+
+#[tokio::test]
+async fn a_server_that_speaks_first_is_timed_from_the_start_of_the_copy() {
+    let delay = Duration::from_millis(150);
+    let times = reply_times(true, delay).await;
+    assert_eq!(times.len(), 1, "reported once: {times:?}");
+    assert!(times[0] >= delay, "{times:?}");
 }

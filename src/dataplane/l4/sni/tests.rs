@@ -241,6 +241,7 @@ async fn passthrough_replay_completes_a_real_handshake() {
                 &hello.buffered,
                 SECOND * 5,
                 &counters,
+                &|_| {},
             )
             .await
         });
