@@ -331,11 +331,30 @@ fn listener_errors_name_the_key() {
 
 #[test]
 fn send_proxy_protocol_is_refused_where_it_is_not_sent() {
-    let text =
-        format!("[listener]\naddress = \"127.0.0.1:8080\"\n{BASE}\n[[route]]\ncluster = \"db\"\n");
-    let e = parse_err(&text);
+    let http = |extra: &str| {
+        format!(
+            "[listener]\naddress = \"127.0.0.1:8080\"\n{}\n[[route]]\ncluster = \"db\"\n",
+            BASE.replace(
+                "send_proxy_protocol = \"v2\"",
+                &format!("send_proxy_protocol = \"v2\"\n{extra}")
+            )
+        )
+    };
+    let c = parse("edge.toml", &http(""), &no_env).expect("plain HTTP/1.1 clusters send it");
+    assert_eq!(c.clusters[0].send_proxy_protocol, Some(ProxyVersion::V2));
+    for extra in ["http2 = true", "tls = { sni = \"db.example.com\" }"] {
+        let e = parse_err(&http(extra));
+        assert!(
+            e.contains("cluster \"db\": send_proxy_protocol: is sent to HTTP/1.1 upstreams without tls; this cluster is used by an http route and has tls or http2"),
+            "{extra}: {e}"
+        );
+    }
+    let udp = format!(
+        "[listener]\naddress = \"127.0.0.1:53\"\nprotocol = \"udp\"\ncluster = \"db\"\n{BASE}"
+    );
+    let e = parse_err(&udp);
     assert!(
-        e.contains("cluster \"db\": send_proxy_protocol: is sent on tcp and tls_passthrough connections only; this cluster is used by an http route"),
+        e.contains("cluster \"db\": send_proxy_protocol: is sent on TCP connections; this cluster is used by a udp listener"),
         "{e}"
     );
 }

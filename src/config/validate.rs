@@ -377,20 +377,22 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         });
     }
 
-    // PROXY headers go out on tcp and tls_passthrough connections only.
+    // PROXY headers go out on TCP connections: tcp and tls_passthrough listeners, and plain
+    // HTTP/1.1 upstream connections of http routes (a connection per client, never shared).
     for c in clusters.iter().filter(|c| c.send_proxy_protocol.is_some()) {
         let by_route = routes.iter().any(|r| r.cluster() == Some(c.name.as_str()));
         let by_udp = listeners
             .iter()
             .any(|l| matches!(&l.protocol, Protocol::Udp { cluster, .. } if cluster == &c.name));
-        if by_route || by_udp {
-            return Err(v.err(
-                format!("cluster {:?}: send_proxy_protocol", c.name),
-                format!(
-                    "is sent on tcp and tls_passthrough connections only; this cluster is used by {}",
-                    if by_route { "an http route" } else { "a udp listener" }
-                ),
-            ));
+        let why = if by_udp {
+            Some("is sent on TCP connections; this cluster is used by a udp listener")
+        } else if by_route && (c.tls.is_some() || c.http2) {
+            Some("is sent to HTTP/1.1 upstreams without tls; this cluster is used by an http route and has tls or http2")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(v.err(format!("cluster {:?}: send_proxy_protocol", c.name), why));
         }
     }
 

@@ -137,6 +137,7 @@ impl Health {
                 decay,
                 upstream::probe_client(connector.clone(), cluster.http2),
                 cluster.tls.is_some(),
+                cluster.send_proxy_protocol,
             ));
             inner.endpoints.insert(
                 key,
@@ -214,6 +215,7 @@ async fn probe_loop(
     decay: Decay,
     client: Client<Connector, Empty<Bytes>>,
     tls: bool,
+    proxy: Option<crate::config::ProxyVersion>,
 ) {
     // Spread the first probes so a thousand endpoints are not probed in one instant, yet
     // keep start-up quick.
@@ -230,8 +232,8 @@ async fn probe_loop(
             None => ep.addr,
         };
         let result = match &hc.path {
-            Some(path) => probe_http(&client, target, path, hc.timeout, tls).await,
-            None => probe_tcp(target, hc.timeout).await,
+            Some(path) => probe_http(&client, target, path, hc.timeout, tls, proxy).await,
+            None => probe_tcp(target, hc.timeout, proxy).await,
         };
         let rtt = started.elapsed();
         ep.metrics.probe_duration.observe(rtt.as_secs_f64());
@@ -280,11 +282,26 @@ enum ProbeError {
     Failed(String),
 }
 
-async fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+/// A connect; for a cluster that sends PROXY headers, one naming the probe's own
+/// connection follows (an upstream that requires the header would log every probe as a
+/// bad connection otherwise).
+async fn probe_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    proxy: Option<crate::config::ProxyVersion>,
+) -> Result<(), ProbeError> {
+    let connect = async {
+        match proxy {
+            None => tokio::net::TcpStream::connect(addr).await.map(drop),
+            Some(v) => upstream::proxied::dial(addr, timeout, v, None)
+                .await
+                .map(drop),
+        }
+    };
+    match tokio::time::timeout(timeout, connect).await {
         Err(_) => Err(ProbeError::Timeout),
         Ok(Err(e)) => Err(ProbeError::Failed(format!("tcp connect failed: {e}"))),
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(())) => Ok(()),
     }
 }
 
@@ -294,22 +311,38 @@ async fn probe_http(
     path: &str,
     timeout: Duration,
     tls: bool,
+    proxy: Option<crate::config::ProxyVersion>,
 ) -> Result<(), ProbeError> {
     let scheme = if tls { "https" } else { "http" };
-    let uri = format!("{scheme}://{target}{path}");
+    // A cluster that sends PROXY headers is probed on a connection of its own that starts
+    // with one naming the probe's own ends (HAProxy's `check-send-proxy`): the pooled
+    // probe client could not send it. Such a cluster is plain HTTP/1.1 (config says so).
+    let uri = match proxy {
+        None => format!("{scheme}://{target}{path}"),
+        Some(_) => path.to_string(),
+    };
     let req = http::Request::get(uri)
         .header(
             http::header::USER_AGENT,
             concat!("edge-router/", env!("CARGO_PKG_VERSION"), " health-check"),
         )
+        .header(http::header::HOST, target.to_string())
         .body(Empty::new())
         .map_err(|e| ProbeError::Failed(format!("bad probe request: {e}")))?;
-    match tokio::time::timeout(timeout, client.request(req)).await {
+    let exchange = async {
+        match proxy {
+            None => client
+                .request(req)
+                .await
+                .map_err(|e| upstream::describe_failure(&e)),
+            Some(v) => upstream::proxied::send_once(target, timeout, v, None, req)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(ProbeError::Timeout),
-        Ok(Err(e)) => Err(ProbeError::Failed(format!(
-            "probe failed: {}",
-            upstream::describe_failure(&e)
-        ))),
+        Ok(Err(e)) => Err(ProbeError::Failed(format!("probe failed: {e}"))),
         Ok(Ok(resp)) if resp.status().is_success() => {
             // Drain the (small) body so the connection returns to the pool.
             let _ =

@@ -241,6 +241,8 @@ async fn serve_connection(
     listener: u64,
 ) -> conn::End {
     let https = tls.is_some();
+    // The address the client connected to, for PROXY headers sent upstream.
+    let local = stream.local_addr().unwrap_or(peer);
     let stream = match (&tls, native) {
         (None, Some(limits)) => match h1::serve(stream, peer, &state, &mut signal, limits).await {
             h1::Served::Ended(end) => return end,
@@ -252,7 +254,7 @@ async fn serve_connection(
     let act = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = act.begin(req.version());
-        let fut = proxy::handle(state.clone(), req, peer, https, listener);
+        let fut = proxy::handle(state.clone(), req, (peer, local), https, listener);
         async move {
             let resp = fut.await?;
             Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::ClusterConfig;
 
 pub mod body;
+pub mod proxied;
 pub mod tls;
 
 pub use body::RequestBody;
@@ -291,7 +292,7 @@ async fn dial(
 /// Whether an idle upstream connection can take a request. An idle connection has nothing
 /// to read, so readiness (known to the reactor, no system call) means the peer closed it or
 /// sent something unasked; only then is a read tried to tell which.
-fn looks_open(conn: &tokio::net::TcpStream) -> bool {
+pub fn looks_open(conn: &tokio::net::TcpStream) -> bool {
     let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
     match conn.poll_read_ready(&mut cx) {
         std::task::Poll::Pending => true,

@@ -41,3 +41,4 @@ mod connections;
 mod framing;
 mod headers;
 mod host;
+mod proxy_out;

@@ -23,7 +23,7 @@ pub use buffers::Prefixed;
 use buffers::{give_buf, take_buf, Scratch};
 use request::{error_bytes, head_end_seen, prepare, refusal, Forward, RequestId, Step};
 use respond::{respond, write_all};
-use upstream::{send, Failure, Head};
+use upstream::{send, Failure, Head, Private};
 
 pub mod wire;
 
@@ -90,6 +90,9 @@ pub async fn serve(
 ) -> Served {
     let accepted = Instant::now();
     let mut buf = BytesMut::new();
+    // Made on the first request to a cluster that sends PROXY headers: the others never
+    // pay for it, and an idle connection holds one pointer.
+    let mut private: Option<Box<Private>> = None;
     let mut served = 0u64;
     loop {
         if buf.is_empty() {
@@ -202,7 +205,14 @@ pub async fn serve(
                 }
                 // Boxed: a request's state is only needed while it is in flight. (A drain
                 // that times out ends with the runtime, which drops in-flight requests.)
-                Step::Forward(f) => Box::pin(forward(&mut stream, &mut buf, f, limits, signal)),
+                Step::Forward(f) => Box::pin(forward(
+                    &mut stream,
+                    &mut buf,
+                    f,
+                    limits,
+                    signal,
+                    (peer, &mut private),
+                )),
             }
         };
         let keep = next.await;
@@ -222,6 +232,7 @@ async fn forward(
     f: Forward<'_>,
     limits: Limits,
     signal: &watch::Receiver<Signal>,
+    (peer, private): (SocketAddr, &mut Option<Box<Private>>),
 ) -> bool {
     // Read when the answer is written: a drain that began meanwhile closes the connection
     // with `connection: close`.
@@ -258,6 +269,16 @@ async fn forward(
         Err(()) => return false,
     };
     let connect_timeout = x.config().connect_timeout;
+    let proxy = x.config().send_proxy_protocol;
+    let mut private = proxy.map(|_| {
+        &mut **private.get_or_insert_with(|| {
+            Box::new(Private {
+                client: peer,
+                local: client.local_addr().unwrap_or(peer),
+                conn: None,
+            })
+        })
+    });
     loop {
         let (ep, _) = x.target();
         let in_flight = InFlight::new(ep.clone());
@@ -269,6 +290,7 @@ async fn forward(
             head_method,
             x.idempotent(),
             x.response_headers,
+            proxy.zip(private.as_deref_mut()),
         );
         let failure = match tokio::time::timeout_at(x.deadline.into(), attempt).await {
             Ok(Ok(head)) => {
@@ -277,7 +299,18 @@ async fn forward(
                 // The client's connection stays open only if its request was read whole.
                 let keep = !client_close && !draining() && request_body.is_done();
                 let done = exchange.completion(in_flight);
-                return respond(client, head, done, ep, &request_id, route, keep, limits).await;
+                return respond(
+                    client,
+                    head,
+                    done,
+                    ep,
+                    &request_id,
+                    route,
+                    keep,
+                    limits,
+                    private,
+                )
+                .await;
             }
             Err(_) => AttemptError::Timeout,
             Ok(Err(Failure::Connect(e))) => AttemptError::Connect {

@@ -15,6 +15,7 @@ pub(super) async fn respond(
     route: Option<(&crate::routing::table::ZoneTable, &str, Reason)>,
     keep: bool,
     limits: Limits,
+    private: Option<&mut Private>,
 ) -> bool {
     let Head {
         mut conn,
@@ -116,7 +117,10 @@ pub(super) async fn respond(
     }
     // Reused only after a clean end with nothing unasked behind it.
     if ended && rbuf.is_empty() && start.upstream_keep_alive && start.framing != Framing::Close {
-        ep.idle.put(conn);
+        match private {
+            Some(p) => p.conn = Some((ep.addr, conn)),
+            None => ep.idle.put(conn),
+        }
     }
     give_buf(rbuf);
     drop(done);

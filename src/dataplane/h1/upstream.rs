@@ -2,7 +2,7 @@
 //! connection or a new one, and the response head rewritten for the client.
 
 use super::*;
-use crate::config::HeaderActions;
+use crate::config::{HeaderActions, ProxyVersion};
 use crate::routing::rewrite;
 
 /// Why an upstream attempt failed before a response head arrived.
@@ -25,6 +25,9 @@ pub(super) struct Head {
 /// head and body, the response head. A pooled connection the upstream closed meanwhile is
 /// replaced by a new one when the write failed (nothing was taken) or, for idempotent
 /// requests, when it closed without a byte of answer.
+/// With `private` (the cluster sends PROXY headers of this version), the connection is the
+/// client connection's own, never one from the endpoint's pool.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn send(
     first: &[u8],
     ep: &crate::state::EndpointState,
@@ -32,17 +35,25 @@ pub(super) async fn send(
     head_method: bool,
     idempotent: bool,
     edits: &HeaderActions,
+    private: Option<(ProxyVersion, &mut Private)>,
 ) -> Result<Head, Failure> {
-    let (mut conn, mut reused) = ep
-        .idle
-        .acquire(ep.addr, connect_timeout)
-        .await
-        .map_err(Failure::Connect)?;
+    let announce = private.as_ref().map(|(v, p)| (*v, p.client, p.local));
+    let (mut conn, mut reused) = match private {
+        None => ep
+            .idle
+            .acquire(ep.addr, connect_timeout)
+            .await
+            .map_err(Failure::Connect)?,
+        Some((_, private)) => match private.conn.take() {
+            Some((addr, c)) if addr == ep.addr && crate::upstream::looks_open(&c) => (c, true),
+            _ => (redial(ep, connect_timeout, announce).await?, false),
+        },
+    };
     loop {
         if let Err(e) = conn.write_all(first).await {
             // Nothing reached a pooled connection the upstream had closed: a new one.
             if reused {
-                conn = redial(ep, connect_timeout).await?;
+                conn = redial(ep, connect_timeout, announce).await?;
                 reused = false;
                 continue;
             }
@@ -81,18 +92,35 @@ pub(super) async fn send(
         }
         // The pooled connection was closed under us: once more on a new one.
         give_buf(rbuf);
-        conn = redial(ep, connect_timeout).await?;
+        conn = redial(ep, connect_timeout, announce).await?;
         reused = false;
     }
 }
 
+/// A new connection to the endpoint; with `announce` (version, client, listener address)
+/// it starts with a PROXY header.
 pub(super) async fn redial(
     ep: &crate::state::EndpointState,
     connect_timeout: Duration,
+    announce: Option<(ProxyVersion, SocketAddr, SocketAddr)>,
 ) -> Result<TcpStream, Failure> {
-    crate::upstream::IdlePool::dial(ep.addr, connect_timeout)
-        .await
-        .map_err(Failure::Connect)
+    match announce {
+        None => crate::upstream::IdlePool::dial(ep.addr, connect_timeout).await,
+        Some((v, client, local)) => {
+            crate::upstream::proxied::dial(ep.addr, connect_timeout, v, Some((client, local))).await
+        }
+    }
+    .map_err(Failure::Connect)
+}
+
+/// A client connection's own upstream connection, for clusters that send PROXY headers:
+/// the header names this client, so the connection serves no other (HAProxy marks such
+/// connections private). Kept between its requests while it goes to the same endpoint.
+pub(super) struct Private {
+    pub(super) client: SocketAddr,
+    /// The address the client connected to.
+    pub(super) local: SocketAddr,
+    pub(super) conn: Option<(SocketAddr, TcpStream)>,
 }
 
 /// A parsed upstream response head, rewritten for the client.

@@ -30,6 +30,7 @@ use crate::upstream::{self, RequestBody};
 
 mod body;
 mod hedge;
+mod proxied;
 mod upgrade;
 
 pub use body::ResponseBody;
@@ -90,7 +91,7 @@ fn default_port<B>(req: &Request<B>) -> u16 {
 pub async fn handle(
     state: Arc<ProxyState>,
     mut req: Request<Incoming>,
-    client: SocketAddr,
+    (client, local): (SocketAddr, SocketAddr),
     https: bool,
     listener: u64,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -159,6 +160,9 @@ pub async fn handle(
         Err(r) => return Ok(error_exit(r, &request_id)),
     };
     x.response_headers = &route.response_headers;
+    if cluster.config.send_proxy_protocol.is_some() {
+        x.announce = Some((client, local));
+    }
     rewrite::apply(&route.request_headers, req.headers_mut());
     if let Some(r) = &route.rewrite_prefix {
         rewrite_target(req.uri_mut(), &route.path_prefix, r);
@@ -265,8 +269,11 @@ async fn forward(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let body_empty = body.is_end_stream();
     // Hedged: idempotent, no body, and hedging on for the route (or its cluster).
-    let hedge_on =
-        hedge && body_empty && matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    // Not for clusters that send PROXY headers: a hedge races two connections of its own.
+    let hedge_on = hedge
+        && body_empty
+        && cfg.send_proxy_protocol.is_none()
+        && matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     if hedge_on {
         shared
             .hedge_budget
@@ -321,9 +328,10 @@ async fn forward(
                 in_flight = b_in_flight;
                 sent = b_sent;
             }
-            h.result
+            h.result.map(|r| r.map_err(|e| attempt_error(&e)))
         } else {
-            tokio::time::timeout_at(x.deadline.into(), cluster.runtime.client.request(up)).await
+            let attempt = proxied::send(cluster, ep.addr, x.announce, up);
+            tokio::time::timeout_at(x.deadline.into(), attempt).await
         };
         let failure = match result {
             Ok(Ok(resp)) => {
@@ -336,7 +344,7 @@ async fn forward(
             Err(_) => AttemptError::Timeout,
             Ok(Err(e)) => {
                 body.recover();
-                attempt_error(&e)
+                e
             }
         };
         drop(in_flight);
@@ -379,7 +387,7 @@ fn attempt_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
 /// Whether a failed upstream request failed because of the client's body stream, which is
 /// never the endpoint's fault: `Some(true)` when the client sent bad framing (it is still
 /// there to be told), `Some(false)` when it went away mid-upload.
-fn client_side(e: &hyper_util::client::legacy::Error) -> Option<bool> {
+fn client_side(e: &(dyn std::error::Error + 'static)) -> Option<bool> {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
         if let Some(c) = s.downcast_ref::<upstream::body::ClientBodyError>() {

@@ -87,8 +87,8 @@ pub(super) async fn forward_upgrade(
         *up.headers_mut() = parts.headers.clone();
         let in_flight = InFlight::new(ep.clone());
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout_at(x.deadline.into(), cluster.runtime.client.request(up)).await;
+        let attempt = proxied::send(cluster, ep.addr, x.announce, up);
+        let result = tokio::time::timeout_at(x.deadline.into(), attempt).await;
         let failure = match result {
             Ok(Ok(mut resp)) => {
                 let status = resp.status();
@@ -130,7 +130,7 @@ pub(super) async fn forward_upgrade(
             Err(_) => AttemptError::Timeout,
             Ok(Err(e)) => {
                 body.recover();
-                attempt_error(&e)
+                e
             }
         };
         drop(in_flight);

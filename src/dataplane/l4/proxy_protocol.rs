@@ -332,44 +332,9 @@ fn parse_v2(bytes: &[u8]) -> Result<(Option<ProxiedAddrs>, usize), ProxyHeaderEr
     Ok((addrs, len))
 }
 
-/// Both addresses in one family: IPv4 when both are IPv4 (or IPv4-mapped), else IPv6 with
-/// any IPv4 address mapped, since a header has a single family for both.
-fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let (src, dst) = (canonical(src), canonical(dst));
-    match (src, dst) {
-        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
-            (src, dst)
-        }
-        _ => {
-            let v6 = |a: SocketAddr| match a.ip() {
-                IpAddr::V4(ip) => SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), a.port()),
-                IpAddr::V6(_) => a,
-            };
-            (v6(src), v6(dst))
-        }
-    }
-}
-
-/// A v1 (text) header announcing a TCP connection from `src` to `dst`.
-pub fn encode_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    ppp::v1::Addresses::from(same_family(src, dst))
-        .to_string()
-        .into_bytes()
-}
-
-/// A v2 (binary) header announcing a TCP connection from `src` to `dst`, without TLVs.
-pub fn encode_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    use ppp::v2::{Builder, Command, Protocol, Version};
-    // `build` fails only for a payload over 64 KiB; addresses alone are 12 or 36 bytes.
-    Builder::with_addresses(
-        Version::Two | Command::Proxy,
-        Protocol::Stream,
-        same_family(src, dst),
-    )
-    .build()
-    .unwrap_or_default()
-}
+// The encoders live with the upstream connections that send them (HTTP clusters and
+// health probes send them too).
+pub use crate::upstream::proxied::{encode_v1, encode_v2};
 
 #[cfg(test)]
 mod tests;

@@ -209,6 +209,9 @@ pub struct Exchange<'t> {
     status: u16,
     /// The route's edits of the upstream's response (not of the router's own replies).
     pub response_headers: &'t crate::config::HeaderActions,
+    /// For a cluster that sends PROXY headers: the client's address and the one it
+    /// connected to, which a new upstream connection announces.
+    pub announce: Option<(SocketAddr, SocketAddr)>,
 }
 
 /// What [`Exchange::begin`] needs to know of a request.
@@ -252,6 +255,7 @@ impl<'t> Exchange<'t> {
                 log,
                 status: 0,
                 response_headers: &crate::routing::rewrite::NO_EDITS,
+                announce: None,
             }),
             Err(kind) => {
                 cluster.runtime.metrics.error(kind.as_str());

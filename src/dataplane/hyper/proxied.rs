@@ -1,0 +1,41 @@
+//! One attempt's exchange with an endpoint: on the cluster's pooled client, or, for a
+//! cluster that sends PROXY headers, on a connection of its own. Such a header names one
+//! client for the whole connection, so this engine opens one per request and closes it
+//! with the response: never pooled, never shared (the native HTTP/1.1 engine keeps one per
+//! client connection instead).
+
+use super::*;
+use crate::upstream::proxied::{send_once, OnceError};
+
+pub(super) async fn send(
+    cluster: &ClusterTable<UpstreamClient>,
+    addr: SocketAddr,
+    announce: Option<(SocketAddr, SocketAddr)>,
+    mut up: Request<RequestBody>,
+) -> Result<Response<Incoming>, AttemptError> {
+    let (Some(version), Some(from)) = (cluster.config.send_proxy_protocol, announce) else {
+        return cluster
+            .runtime
+            .client
+            .request(up)
+            .await
+            .map_err(|e| attempt_error(&e));
+    };
+    // A connection of its own speaks origin form (the pooled client does this itself).
+    if let Some(pq) = up.uri().path_and_query().cloned() {
+        *up.uri_mut() = Uri::from(pq);
+    }
+    let timeout = cluster.config.connect_timeout;
+    match send_once(addr, timeout, version, Some(from), up).await {
+        Ok(resp) => Ok(resp),
+        Err(OnceError::Connect(e)) => Err(AttemptError::Connect {
+            detail: format!("connect: {e}"),
+            tls: false,
+        }),
+        Err(OnceError::Http(e)) => Err(match client_side(&e) {
+            Some(true) => AttemptError::ClientBad,
+            Some(false) => AttemptError::ClientGone,
+            None => AttemptError::Reset(upstream::error_chain(&e)),
+        }),
+    }
+}
