@@ -178,8 +178,8 @@ fn emit_tracing(l: &AccessLog, bytes: u64, complete: bool) {
     tracing::info!(
         target: "access",
         method = %l.method,
-        host = %l.host,
-        path = %l.path,
+        host = %l.host(),
+        path = %l.path(),
         status = l.status,
         duration_ms = (l.started.elapsed().as_micros() as f64) / 1e3,
         bytes,

@@ -1239,3 +1239,97 @@ async fn one_usable_cpu_picks_the_current_thread_runtime() {
     .await;
     bin.stop();
 }
+
+/// Every request gets exactly one access-log line, on either HTTP/1.1 engine: those served
+/// before SIGTERM over kept-alive connections, and those still in flight when the drain began
+/// (they finish, and their lines are written before the process exits).
+async fn access_lines_match_requests_across_a_drain(engine: &str) {
+    let backend = Backend::start("a1", 0).await;
+    backend
+        .ctl
+        .stall_ms
+        .store(400, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let extra = format!(
+        "http1_engine = {engine:?}\naccess_log_path = {:?}",
+        log.display().to_string()
+    );
+    let (mut bin, data, _admin) = start_binary(dir.path(), &access_config(&backend, &extra)).await;
+    let c = client();
+    let send_one = |path: &'static str, id: String| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let r = send(
+                &c,
+                Request::get(format!("http://{data}{path}"))
+                    .header("host", "api.example.test")
+                    .header("x-request-id", id.as_str())
+                    .body(Full::new(Bytes::new()))
+                    .expect("req"),
+            )
+            .await;
+            (id, r.status)
+        })
+    };
+    let mut ids = Vec::new();
+    // Served before the drain, 8 at a time over the client's pooled connections.
+    for round in 0..5 {
+        let batch: Vec<_> = (0..8)
+            .map(|i| send_one("/a", format!("{engine}-served-{round}-{i}")))
+            .collect();
+        for t in batch {
+            let (id, status) = t.await.expect("request task");
+            assert_eq!(status, 200, "{id}");
+            ids.push(id);
+        }
+    }
+    // In flight when the drain begins: the backend holds each for 400 ms.
+    let hits = backend.ctl.hits();
+    let stalled: Vec<_> = (0..6)
+        .map(|i| send_one("/stall", format!("{engine}-draining-{i}")))
+        .collect();
+    wait_until(
+        "the stalled requests at the backend",
+        Duration::from_secs(10),
+        || async { backend.ctl.hits() >= hits + 6 },
+    )
+    .await;
+    bin.signal("-TERM");
+    for t in stalled {
+        let (id, status) = t.await.expect("request task");
+        assert_eq!(status, 200, "{id} was cut by the drain");
+        ids.push(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Ok(Some(s)) = bin.child.try_wait() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after the drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    let lines = access_lines(&log);
+    assert_eq!(lines.len(), ids.len(), "one line per request");
+    for id in &ids {
+        let n = lines
+            .iter()
+            .filter(|v| v["request_id"] == id.as_str())
+            .count();
+        assert_eq!(n, 1, "lines of {id}");
+    }
+    assert!(lines
+        .iter()
+        .all(|v| v["status"] == 200 && v["complete"] == true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_match_requests_across_a_drain_native_engine() {
+    access_lines_match_requests_across_a_drain("native").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_match_requests_across_a_drain_hyper_engine() {
+    access_lines_match_requests_across_a_drain("hyper").await;
+}

@@ -254,7 +254,15 @@ async fn serve_connection(
     let act = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = act.begin(req.version());
-        let fut = proxy::handle(state.clone(), req, (peer, local), https, listener);
+        // Boxed: the request's state is large and hyper moves the service future (into the
+        // stream, into the runtime's task); moving a pointer costs nothing.
+        let fut = Box::pin(proxy::handle(
+            state.clone(),
+            req,
+            (peer, local),
+            https,
+            listener,
+        ));
         async move {
             let resp = fut.await?;
             Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))

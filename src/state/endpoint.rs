@@ -45,6 +45,8 @@ pub struct EndpointState {
     pub addr: SocketAddr,
     /// `addr` as text, the label and the name in /routes.
     pub label: Arc<str>,
+    /// `addr` as a URI authority, parsed once: the hyper engine's upstream requests share it.
+    pub authority: Option<http::uri::Authority>,
     pub region: Arc<str>,
     pub zone: Arc<str>,
     status: AtomicU8,
@@ -88,6 +90,8 @@ impl EndpointState {
             cluster: Arc::from(cluster),
             addr,
             label: Arc::from(label.as_str()),
+            authority: http::uri::Authority::from_maybe_shared(bytes::Bytes::from(label.clone()))
+                .ok(),
             region: Arc::from(region),
             zone: Arc::from(zone),
             status: AtomicU8::new(Status::Unknown as u8),

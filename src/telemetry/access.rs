@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -187,24 +187,33 @@ impl AccessWriter {
 
     /// Appends one line: `fields` writes them through [`Line`]. Never blocks on the writer.
     pub fn line(self: &Arc<Self>, fields: impl FnOnce(&mut Line<'_>)) {
-        let local = LOCALS.try_with(|l| {
-            let mut l = l.borrow_mut();
+        // The thread's buffer is used in place under the thread-local's borrow: no
+        // reference count touched per line.
+        let written = LOCALS.try_with(|l| {
             let me = Arc::as_ptr(self);
-            if let Some((_, local)) = l.iter().find(|(w, _)| Weak::as_ptr(w) == me) {
-                return local.clone();
-            }
-            l.retain(|(w, _)| w.strong_count() > 0);
-            let local = Arc::new(Mutex::new(Local::new(self.batch_bytes)));
-            lock(&self.locals).push(local.clone());
-            l.push((Arc::downgrade(self), local.clone()));
-            local
+            let found = |l: &ThreadBuffers| l.iter().position(|(w, _)| Weak::as_ptr(w) == me);
+            let known = found(&l.borrow());
+            let at = match known {
+                Some(at) => at,
+                None => {
+                    let mut l = l.borrow_mut();
+                    l.retain(|(w, _)| w.strong_count() > 0);
+                    let local = Arc::new(Mutex::new(Local::new(self.batch_bytes)));
+                    lock(&self.locals).push(local.clone());
+                    l.push((Arc::downgrade(self), local));
+                    l.len() - 1
+                }
+            };
+            self.write_line(&l.borrow()[at].1, fields);
         });
-        let Ok(local) = local else {
+        if written.is_err() {
             // The thread is exiting: its buffer is gone.
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let mut g = lock(&local);
+        }
+    }
+
+    fn write_line(&self, local: &Mutex<Local>, fields: impl FnOnce(&mut Line<'_>)) {
+        let mut g = lock(local);
         let json = self.json;
         if json {
             g.bytes.extend_from_slice(b"{\"timestamp\":\"");
@@ -339,10 +348,39 @@ impl Line<'_> {
         if self.json {
             self.out.push(b'"');
         }
-        // Formats into the buffer: no allocation.
-        let _ = write!(self.out, "{a}");
+        match a {
+            SocketAddr::V4(v4) => {
+                push_ip(self.out, IpAddr::V4(*v4.ip()));
+                self.out.push(b':');
+                self.out
+                    .extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
+            }
+            // Formats into the buffer: no allocation.
+            SocketAddr::V6(_) => {
+                let _ = write!(self.out, "{a}");
+            }
+        }
         if self.json {
             self.out.push(b'"');
+        }
+    }
+}
+
+/// Appends `ip` as text, as `Display` writes it. IPv4, the usual case, is written by hand:
+/// `Display` goes through the formatter for every octet.
+pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut b = itoa::Buffer::new();
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(b.format(o).as_bytes());
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
         }
     }
 }

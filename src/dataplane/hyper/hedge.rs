@@ -40,7 +40,8 @@ pub(super) struct BackupParts<'a> {
 
 impl BackupParts<'_> {
     fn request(&self, addr: SocketAddr) -> Option<Request<RequestBody>> {
-        let uri = upstream_uri(self.scheme, &addr.to_string(), self.path_and_query).ok()?;
+        let uri =
+            upstream_uri_to(self.scheme, &addr.to_string(), None, self.path_and_query).ok()?;
         let mut up = Request::new(RequestBody::Empty);
         *up.method_mut() = self.method.clone();
         *up.uri_mut() = uri;

@@ -292,7 +292,7 @@ async fn forward(
 
     loop {
         let (ep, zone) = x.target();
-        let Ok(uri) = upstream_uri(scheme, &ep.label, &path_and_query) else {
+        let Ok(uri) = upstream_uri(scheme, ep, &path_and_query) else {
             return error_exit(
                 ErrorReply::new(ErrorKind::BadRequest, x.log.take()),
                 &request_id,
@@ -476,11 +476,21 @@ fn rewrite_target(uri: &mut Uri, prefix: &str, replacement: &str) {
     }
 }
 
-/// `scheme://addr/path?query` for the upstream request; `addr` is the endpoint's label (its
-/// socket address as text). Plain concatenation: `format!` costs more on every request.
+/// `scheme://addr/path?query` for the upstream request to `ep`.
 fn upstream_uri(
     scheme: &'static str,
+    ep: &crate::state::EndpointState,
+    path_and_query: &PathAndQuery,
+) -> Result<Uri, http::Error> {
+    upstream_uri_to(scheme, &ep.label, ep.authority.as_ref(), path_and_query)
+}
+
+/// [`upstream_uri`] to `addr` (the endpoint's socket address as text), with its parsed
+/// `authority` when there is one. Plain concatenation: `format!` costs more on every request.
+fn upstream_uri_to(
+    scheme: &'static str,
     addr: &str,
+    authority: Option<&Authority>,
     path_and_query: &PathAndQuery,
 ) -> Result<Uri, http::Error> {
     let pq = path_and_query.as_str();
@@ -492,7 +502,11 @@ fn upstream_uri(
         } else {
             Scheme::HTTP
         });
-        p.authority = Some(Authority::try_from(addr)?);
+        p.authority = Some(match authority {
+            // A reference count, not a parse and a copy, on every request.
+            Some(a) => a.clone(),
+            None => Authority::try_from(addr)?,
+        });
         p.path_and_query = Some(path_and_query.clone());
         return Ok(Uri::from_parts(p)?);
     }
@@ -530,31 +544,60 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Bit of a hop-by-hop name in [`hop_by_hop_present`]'s mask: its index in [`HOP_BY_HOP`],
+/// then Upgrade and TE.
+fn hop_bit(name: &HeaderName) -> u16 {
+    match HOP_BY_HOP.iter().position(|h| h == name) {
+        Some(i) => 1 << i,
+        None if name == header::UPGRADE => 1 << HOP_BY_HOP.len(),
+        None if name == header::TE => 1 << (HOP_BY_HOP.len() + 1),
+        None => 0,
+    }
+}
+
+/// Which hop-by-hop names `h` holds, in one pass over its names: a message carries a few
+/// names, and most carry no hop-by-hop one but Connection, so this is cheaper than looking
+/// each hop-by-hop name up.
+fn hop_by_hop_present(h: &HeaderMap) -> u16 {
+    h.keys().fold(0, |m, n| m | hop_bit(n))
+}
+
 /// Removes hop-by-hop headers (RFC 9110 7.6.1), including those named in Connection.
 /// `te: trailers` is end-to-end in practice (gRPC needs it), so it stays.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    let present = hop_by_hop_present(h);
+    if present == 0 {
+        return;
+    }
     // Every Connection line counts: options on a second line are hop-by-hop too.
-    let named: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
-    for conn in named {
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',') {
-                let name = name.trim();
-                // Host is never hop-by-hop: the upstream must see what was routed.
-                if !name.is_empty()
-                    && !name.eq_ignore_ascii_case("te")
-                    && !name.eq_ignore_ascii_case("host")
-                {
-                    h.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+        for conn in named {
+            if let Ok(list) = conn.to_str() {
+                for name in list.split(',') {
+                    let name = name.trim();
+                    // Host is never hop-by-hop: the upstream must see what was routed.
+                    if !name.is_empty()
+                        && !name.eq_ignore_ascii_case("te")
+                        && !name.eq_ignore_ascii_case("host")
+                    {
+                        h.remove(name);
+                    }
                 }
             }
         }
     }
-    for name in HOP_BY_HOP.iter() {
-        h.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(name);
+        }
     }
-    h.remove(header::UPGRADE);
-    if h.get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        h.remove(header::UPGRADE);
+    }
+    if present & (1 << (HOP_BY_HOP.len() + 1)) != 0
+        && h.get(header::TE)
+            .is_some_and(|v| v.as_bytes() != b"trailers")
     {
         h.remove(header::TE);
     }
@@ -569,6 +612,8 @@ fn prepare_upstream_headers(
     request_id: &HeaderValue,
 ) {
     remove_hop_by_hop(h);
+    // Room for the five added below at once, not a grow halfway through.
+    h.reserve(5);
     let lookalikes: Vec<HeaderName> = h
         .keys()
         .filter(|n| request::is_forwarding_lookalike(n.as_str().as_bytes()))
@@ -581,15 +626,10 @@ fn prepare_upstream_headers(
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => HeaderValue::from_str(&format!("{prev}, {ip}")).ok(),
         _ => {
-            // No prior hop: format the address on the stack, no String.
-            use std::io::Write;
-            let mut buf = [0u8; 64];
-            let mut w = &mut buf[..];
-            let n = match write!(w, "{ip}") {
-                Ok(()) => 64 - w.len(),
-                Err(_) => 0,
-            };
-            HeaderValue::from_bytes(&buf[..n]).ok()
+            // No prior hop: the address written straight into the value's own buffer.
+            let mut buf = Vec::with_capacity(15);
+            crate::telemetry::access::push_ip(&mut buf, ip);
+            HeaderValue::from_maybe_shared(Bytes::from(buf)).ok()
         }
     };
     if let Some(v) = xff {

@@ -74,7 +74,7 @@ pub(super) async fn forward_upgrade(
     let mut body = ClientBody::new(body, cm.request_bytes.clone());
     loop {
         let (ep, zone) = x.target();
-        let Ok(uri) = upstream_uri(scheme, &ep.label, &path_and_query) else {
+        let Ok(uri) = upstream_uri(scheme, ep, &path_and_query) else {
             return error_exit(
                 ErrorReply::new(ErrorKind::BadRequest, x.log.take()),
                 request_id,
