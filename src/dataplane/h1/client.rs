@@ -47,8 +47,7 @@ pub(super) async fn write_all<C: Client>(
         s.flush().await
     });
     // Usually the socket takes it all at once: no timer, no clock read.
-    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
-    {
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
         return r;
     }
     match tokio::time::timeout(timeout, write).await {
