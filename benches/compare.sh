@@ -52,7 +52,8 @@ Idle-connection mode:
   --idle-conns N                  hold N idle keep-alive connections (one HTTP/1.1
                                   request each) to each proxy, report RSS idle and held;
                                   with --workload https the connections are TLS
-Other environment: H2_CONNS (default 16), H2_STREAMS (default 16), PROXY_CORE (default 0), LOAD_CORE (default 1), PORT_BASE (18080),
+Other environment: HOLD_WAIT (idle mode: seconds to open the connections; default 120,
+  240 over TLS), H2_CONNS (default 16), H2_STREAMS (default 16), PROXY_CORE (default 0), LOAD_CORE (default 1), PORT_BASE (18080),
   KEEP_TMP=1 keeps the private temp dir (configs, logs, raw wrk output).
   Noise guard: before each run wait up to QUIET_WAIT s (default 180) until other
   processes use at most QUIET_PCT % (default 10) of either core; rerun a run up to
@@ -111,8 +112,10 @@ while [ $# -gt 0 ]; do
 done
 case "$WORKLOAD" in plain|access-log|https|handshake|h2c|h2) ;; *) die2 "unknown workload '$WORKLOAD' (plain, access-log, https, handshake, h2c, h2)" ;; esac
 TLS=0; case "$WORKLOAD" in https|handshake|h2) TLS=1 ;; esac
+# Idle mode: how long opening the connections may take (a TLS handshake each: longer).
+HOLD_WAIT=${HOLD_WAIT:-$((120 * (1 + TLS)))}
 H2=0; case "$WORKLOAD" in h2c|h2) H2=1 ;; esac
-for v in H2_CONNS H2_STREAMS ROUNDS CONNS IDLE_CONNS PROXY_CORE LOAD_CORE PORT_BASE QUIET_PCT QUIET_WAIT RETRIES; do
+for v in HOLD_WAIT H2_CONNS H2_STREAMS ROUNDS CONNS IDLE_CONNS PROXY_CORE LOAD_CORE PORT_BASE QUIET_PCT QUIET_WAIT RETRIES; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die2 "$v must be a non-negative integer, got '${!v}'"
 done
 [ "$ROUNDS" -ge 1 ] || die2 "ROUNDS must be >= 1"
@@ -407,6 +410,9 @@ EOF
 cat >"$W/edge-router/edge.toml" <<EOF
 [listener]
 address = "127.0.0.1:${PORT[edge-router]}"
+# Idle keep-alive connections close after 300 s, as nginx's keepalive_timeout and HAProxy's
+# timeout http-keep-alive above.
+idle_timeout = "300s"
 $EDGE_LISTENER
 
 [admin]
@@ -674,11 +680,10 @@ PYEOF
     rm -f "$W/hold-$p.status"
     taskset -c "$LOAD_CORE" python3 "$W/hold.py" "${PORT[$p]}" "$IDLE_CONNS" "$W/hold-$p.status" "$SCHEME" 2>"$W/hold-$p.err" &
     hp=$!; STARTED+=("$hp")
-    # A TLS handshake per connection: more time to open them all.
-    deadline=$((SECONDS + 120 * (1 + TLS)))
+    deadline=$((SECONDS + HOLD_WAIT))
     until [ -s "$W/hold-$p.status" ]; do
       kill -0 "$hp" 2>/dev/null || fail "connection holder died for $p" "$W/hold-$p.err"
-      [ $SECONDS -ge $deadline ] && fail "could not open $IDLE_CONNS connections to $p within $((120 * (1 + TLS)))s"
+      [ $SECONDS -ge $deadline ] && fail "could not open $IDLE_CONNS connections to $p within ${HOLD_WAIT}s (HOLD_WAIT)"
       sleep 0.1
     done
     first=$(cat "$W/hold-$p.status")
