@@ -54,8 +54,10 @@ Throughput mode (default) options; each also readable from the environment:
   --quick                         1 round, 3s runs, 1s warm-up (a smoke test)
 Idle-connection mode:
   --idle-conns N                  hold N idle keep-alive connections (one HTTP/1.1
-                                  request each) to each proxy, report RSS idle and held
-Other environment: H2_CONNS (default 16), H2_STREAMS (default 16), PROXY_CORE (default 0), LOAD_CORE (default 1), PORT_BASE (18080),
+                                  request each) to each proxy, report RSS idle and held;
+                                  with --workload https the connections are TLS
+Other environment: HOLD_WAIT (idle mode: seconds to open the connections; default 120,
+  240 over TLS), H2_CONNS (default 16), H2_STREAMS (default 16), PROXY_CORE (default 0), LOAD_CORE (default 1), PORT_BASE (18080),
   KEEP_TMP=1 keeps the private temp dir (configs, logs, raw wrk output).
   Noise guard: before each run wait up to QUIET_WAIT s (default 180) until other
   processes use at most QUIET_PCT % (default 10) of either core; rerun a run up to
@@ -123,8 +125,10 @@ while [ $# -gt 0 ]; do
 done
 case "$WORKLOAD" in plain|access-log|https|handshake|h2c|h2) ;; *) die2 "unknown workload '$WORKLOAD' (plain, access-log, https, handshake, h2c, h2)" ;; esac
 TLS=0; case "$WORKLOAD" in https|handshake|h2) TLS=1 ;; esac
+# Idle mode: how long opening the connections may take (a TLS handshake each: longer).
+HOLD_WAIT=${HOLD_WAIT:-$((120 * (1 + TLS)))}
 H2=0; case "$WORKLOAD" in h2c|h2) H2=1 ;; esac
-for v in H2_CONNS H2_STREAMS ROUNDS CONNS IDLE_CONNS PROXY_CORE LOAD_CORE PORT_BASE QUIET_PCT QUIET_WAIT RETRIES; do
+for v in HOLD_WAIT H2_CONNS H2_STREAMS ROUNDS CONNS IDLE_CONNS PROXY_CORE LOAD_CORE PORT_BASE QUIET_PCT QUIET_WAIT RETRIES; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die2 "$v must be a non-negative integer, got '${!v}'"
 done
 [ "$ROUNDS" -ge 1 ] || die2 "ROUNDS must be >= 1"
@@ -419,6 +423,9 @@ EOF
 cat >"$W/edge-router/edge.toml" <<EOF
 [listener]
 address = "127.0.0.1:${PORT[edge-router]}"
+# Idle keep-alive connections close after 300 s, as nginx's keepalive_timeout and HAProxy's
+# timeout http-keep-alive above.
+idle_timeout = "300s"
 $EDGE_LISTENER
 
 [admin]
@@ -608,10 +615,17 @@ done
 if [ "$MODE" = idle ]; then
   cat >"$W/hold.py" <<'PYEOF'
 # Open N keep-alive connections to 127.0.0.1:PORT, one HTTP/1.1 request each, keep them.
-# Writes "opened=N failed=F" to STATUS once all are open, recounts live ones on SIGUSR1,
-# exits on SIGTERM.
+# With a 4th argument "https", over TLS (no ALPN offered: HTTP/1.1). Writes
+# "opened=N failed=F" to STATUS once all are open, recounts live ones on SIGUSR1, exits on
+# SIGTERM.
 import resource, select, signal, socket, sys, time
 port, n, status = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ctx = None
+if len(sys.argv) > 4 and sys.argv[4] == "https":
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -637,25 +651,20 @@ for i in range(n):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(5)
     try:
-        s.connect(("127.0.0.1", port)); s.sendall(req); read_response(s)
+        s.connect(("127.0.0.1", port))
+        if ctx: s = ctx.wrap_socket(s, server_hostname="localhost")
+        s.sendall(req); read_response(s)
         socks.append(s)
     except OSError as e:
         failed += 1; first_err = first_err or repr(e); s.close()
 def alive():
-    live = 0
+    # A connection the proxy closed shows as hung up (its FIN: POLLRDHUP), TLS or not.
     p = select.poll()
-    fds = {}
+    gone = select.POLLHUP | select.POLLERR | select.POLLRDHUP
     for s in socks:
-        p.register(s.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR); fds[s.fileno()] = s
-    ready = {fd for fd, ev in p.poll(0)}
-    for s in socks:
-        if s.fileno() not in ready: live += 1; continue
-        try:
-            s.setblocking(False)
-            if s.recv(1, socket.MSG_PEEK): live += 1   # unexpected data, but still open
-        except BlockingIOError: live += 1
-        except OSError: pass
-    return live
+        p.register(s.fileno(), select.POLLIN | select.POLLRDHUP)
+    closed = {fd for fd, ev in p.poll(0) if ev & gone}
+    return sum(1 for s in socks if s.fileno() not in closed)
 def write(line):
     with open(status + ".tmp", "w") as f: f.write(line + "\n")
     import os; os.replace(status + ".tmp", status)
@@ -665,13 +674,13 @@ signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 while True: signal.pause()
 PYEOF
   {
-    echo "# edge-router compare: $IDLE_CONNS idle keep-alive connections"
+    echo "# edge-router compare: $IDLE_CONNS idle keep-alive connections ($SCHEME)"
     echo
     echo "- date: $SINCE; machine: $NCPU cores, $MODEL, kernel $(uname -r); load avg at start: $LOAD_BEFORE"
     echo "- versions: $VERSIONS"
     echo "- each proxy pinned to core $PROXY_CORE, one worker; the connection holder (python3) on core $LOAD_CORE"
     [ -z "$LIMIT_NOTE" ] || echo "- $LIMIT_NOTE"
-    echo "- idle RSS: after a 1s warm-up with wrk -c$CONNS, no connection open; held: $IDLE_CONNS connections open, each after one HTTP/1.1 request"
+    echo "- idle RSS: after a 1s warm-up with wrk -c$CONNS, no connection open; held: $IDLE_CONNS connections open, each after one HTTP/1.1 request ($SCHEME, no ALPN)"
     echo
     echo "| proxy | RSS at start MB | idle RSS MB (after warm-up) | RSS with $IDLE_CONNS conns MB | KB per conn | idle PSS MB | PSS with conns MB | conns still open | open failures |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -682,12 +691,12 @@ PYEOF
     pids=$(pids_of "$p")
     idle=$(status_kb VmRSS $pids); idle_pss=$(pss_kb $pids)
     rm -f "$W/hold-$p.status"
-    taskset -c "$LOAD_CORE" python3 "$W/hold.py" "${PORT[$p]}" "$IDLE_CONNS" "$W/hold-$p.status" 2>"$W/hold-$p.err" &
+    taskset -c "$LOAD_CORE" python3 "$W/hold.py" "${PORT[$p]}" "$IDLE_CONNS" "$W/hold-$p.status" "$SCHEME" 2>"$W/hold-$p.err" &
     hp=$!; STARTED+=("$hp")
-    deadline=$((SECONDS + 120))
+    deadline=$((SECONDS + HOLD_WAIT))
     until [ -s "$W/hold-$p.status" ]; do
       kill -0 "$hp" 2>/dev/null || fail "connection holder died for $p" "$W/hold-$p.err"
-      [ $SECONDS -ge $deadline ] && fail "could not open $IDLE_CONNS connections to $p within 120s"
+      [ $SECONDS -ge $deadline ] && fail "could not open $IDLE_CONNS connections to $p within ${HOLD_WAIT}s (HOLD_WAIT)"
       sleep 0.1
     done
     first=$(cat "$W/hold-$p.status")

@@ -110,7 +110,7 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_concurrent_streams: u32,
-    /// Which HTTP/1.1 implementation serves plain-TCP clients.
+    /// Which HTTP/1.1 implementation serves HTTP/1.1 clients, over plain TCP or TLS.
     pub http1_engine: Http1Engine,
 }
 

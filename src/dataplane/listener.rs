@@ -1,5 +1,5 @@
-//! The data-plane listeners: accept, limit, hand each connection to an engine (the native
-//! HTTP/1.1 path, or hyper for TLS, h2 and what the native path hands over), and drain.
+//! The data-plane listeners: accept, limit, terminate TLS, hand each connection to an engine
+//! (the native HTTP/1.1 path, or hyper for h2 and what the native path hands over), and drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -127,12 +127,14 @@ pub async fn serve_data(
     let builder = Arc::new(builder);
     let (signal_tx, _) = watch::channel(conn::Signal::Run);
     let timeouts = (l.header_read_timeout, l.idle_timeout);
-    // Plain-TCP HTTP/1.1 goes the native path unless the config asks for hyper throughout.
+    // HTTP/1.1, plain or over TLS, goes the native path unless the config asks for hyper
+    // throughout.
     let native = (l.http1_engine == config::Http1Engine::Native).then_some(h1::Limits {
         header_timeout: l.header_read_timeout,
         idle_timeout: l.idle_timeout,
         max_header_bytes: l.max_header_bytes,
         listener: id,
+        https: tls.is_some(),
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -236,20 +238,79 @@ async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<Arc<ReloadableServerTls>>,
     mut signal: watch::Receiver<conn::Signal>,
-    (header_timeout, idle_timeout): (Duration, Duration),
+    timeouts: (Duration, Duration),
     native: Option<h1::Limits>,
     listener: u64,
 ) -> conn::End {
-    let https = tls.is_some();
     // The address the client connected to, for PROXY headers sent upstream.
     let local = stream.local_addr().unwrap_or(peer);
-    let stream = match (&tls, native) {
-        (None, Some(limits)) => match h1::serve(stream, peer, &state, &mut signal, limits).await {
-            h1::Served::Ended(end) => return end,
-            h1::Served::Hyper(prefixed) => prefixed,
-        },
-        _ => h1::Prefixed::new(stream),
+    let Some(tls) = tls else {
+        let stream = match native {
+            Some(limits) => match h1::serve(stream, peer, &state, &mut signal, limits).await {
+                h1::Served::Ended(end) => return end,
+                h1::Served::Hyper(prefixed) => prefixed,
+            },
+            None => h1::Prefixed::new(stream),
+        };
+        // Boxed: hyper's connection state is only needed by connections the native path
+        // hands over, so it must not size every connection's task.
+        let c = (peer, local, state, builder, false, listener);
+        return Box::pin(serve_hyper(stream, c, signal, timeouts)).await;
     };
+    // Boxed: a TLS connection's state (rustls session inline) is larger than a plain
+    // one's, and unboxed it would size every plain connection's task too.
+    Box::pin(async move {
+        let acceptor = tls.acceptor();
+        // The handshake is bounded like a slow header: a client that stalls is cut off.
+        let stream = match tokio::time::timeout(timeouts.0, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "tls handshake failed: {e}");
+                return conn::End::Closed;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "tls handshake timed out");
+                return conn::End::SlowHead;
+            }
+        };
+        // ALPN h2 is hyper's; http/1.1, or no ALPN at all, is HTTP/1.1 for the native path.
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        let stream = match native.filter(|_| !h2) {
+            Some(limits) => match h1::serve(stream, peer, &state, &mut signal, limits).await {
+                h1::Served::Ended(end) => return end,
+                h1::Served::Hyper(prefixed) => prefixed,
+            },
+            None => h1::Prefixed::new(stream),
+        };
+        // Boxed again: an idle TLS connection of the native path must not carry hyper's
+        // connection state in its task.
+        let c = (peer, local, state, builder, true, listener);
+        Box::pin(serve_hyper(stream, c, signal, timeouts)).await
+    })
+    .await
+}
+
+/// The client's address, the address it connected to, the proxy state, hyper's builder,
+/// whether the listener terminates TLS, and the listener's id.
+type HyperConn = (
+    SocketAddr,
+    SocketAddr,
+    Arc<ProxyState>,
+    Arc<auto::Builder<TokioExecutor>>,
+    bool,
+    u64,
+);
+
+/// Serves the rest of a connection with hyper (HTTP/1.1 or h2, upgrades included).
+async fn serve_hyper<S>(
+    stream: h1::Prefixed<S>,
+    (peer, local, state, builder, https, listener): HyperConn,
+    signal: watch::Receiver<conn::Signal>,
+    (header_timeout, idle_timeout): (Duration, Duration),
+) -> conn::End
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = conn::Activity::new();
     let act = activity.clone();
     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -268,41 +329,7 @@ async fn serve_connection(
             Ok::<_, std::convert::Infallible>(resp.map(|b| conn::GuardedBody::new(b, guard)))
         }
     });
-    match tls {
-        // Boxed: hyper's connection state is only needed by connections the native path
-        // hands over, so it must not size every connection's task.
-        None => {
-            Box::pin(async move {
-                let io = TokioIo::new(conn::Tracked::new(stream, activity.clone()));
-                let c = builder.serve_connection_with_upgrades(io, svc);
-                conn::drive(c, activity, signal, header_timeout, idle_timeout).await
-            })
-            .await
-        }
-        // Boxed: a TLS connection's state (rustls session inline) is larger than a plain
-        // one's, and unboxed it would size every plain connection's task too.
-        Some(tls) => {
-            Box::pin(async move {
-                let acceptor = tls.acceptor();
-                // The handshake is bounded like a slow header: a client that stalls is cut off.
-                let stream = stream.into_inner();
-                match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        let io = TokioIo::new(conn::Tracked::new(s, activity.clone()));
-                        let c = builder.serve_connection_with_upgrades(io, svc);
-                        conn::drive(c, activity, signal, header_timeout, idle_timeout).await
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "tls handshake failed: {e}");
-                        conn::End::Closed
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "tls handshake timed out");
-                        conn::End::SlowHead
-                    }
-                }
-            })
-            .await
-        }
-    }
+    let io = TokioIo::new(conn::Tracked::new(stream, activity.clone()));
+    let c = builder.serve_connection_with_upgrades(io, svc);
+    conn::drive(c, activity, signal, header_timeout, idle_timeout).await
 }

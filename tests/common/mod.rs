@@ -339,13 +339,26 @@ pub struct TestRouter {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
+    /// Set when the listener terminates TLS: how a client trusts it.
+    pub client_tls: Option<Arc<rustls::ClientConfig>>,
     _dir: tempfile::TempDir,
     running: Option<server::Running>,
 }
 
 impl TestRouter {
     pub async fn start(toml: &str) -> TestRouter {
+        Self::start_with_files(toml, &[]).await
+    }
+
+    /// Like [`TestRouter::start`], with `files` (name, contents) written next to the config
+    /// first, for as long as the router lives; `{dir}` in the config text names their
+    /// directory.
+    pub async fn start_with_files(toml: &str, files: &[(&str, &str)]) -> TestRouter {
         let dir = tempfile::tempdir().expect("tempdir");
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).expect("write file");
+        }
+        let toml = toml.replace("{dir}", &dir.path().display().to_string());
         let path = dir.path().join("edge-router.toml");
         std::fs::write(&path, toml).expect("write config");
         let cfg =
@@ -359,6 +372,7 @@ impl TestRouter {
             admin: router.admin_addr,
             router,
             config_path: path,
+            client_tls: None,
             _dir: dir,
             running: Some(running),
         }

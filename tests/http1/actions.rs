@@ -10,7 +10,7 @@ async fn router_with_routes(engine: Engine, up: &RawUpstream, routes: &str) -> T
     let base = engine.config(&[raw_endpoint(up.addr)], "");
     let catch_all = "[[route]]\npath_prefix = \"/\"\ncluster = \"api\"\n";
     assert!(base.contains(catch_all), "the test config changed shape");
-    let r = TestRouter::start(&base.replace(catch_all, routes)).await;
+    let r = engine.start(&base.replace(catch_all, routes)).await;
     r.wait_all_healthy().await;
     r
 }
@@ -42,7 +42,7 @@ async fn route_header_edits_reach_the_upstream_and_the_client(engine: Engine) {
     }))
     .await;
     let r = router_with_routes(engine, &up, EDIT_ROUTES).await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(
         "GET /api/users?id=7 HTTP/1.1\r\nHost: example.com\r\nX-Secret: s3cret\r\n\
          X-Set: a\r\nX-Set: b\r\nX-Added: client\r\nX-Keep: yes\r\n\r\n",
@@ -94,7 +94,7 @@ async fn a_stripped_prefix_leaves_a_valid_path(engine: Engine) {
     }))
     .await;
     let r = router_with_routes(engine, &up, EDIT_ROUTES).await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for (sent, seen) in [
         ("/strip", "/"),
         ("/strip?x=1", "/?x=1"),
@@ -122,7 +122,7 @@ cluster = "api"
 response_headers = { add = { "x-served-by" = "edge-router" } }
 "#;
     let r = router_with_routes(engine, &up, routes).await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     // Every attempt is dropped by the upstream: a 502 of the router's own.
     c.send("GET /api/x HTTP/1.1\r\nHost: example.com\r\n\r\n")
         .await;

@@ -23,7 +23,7 @@ async fn upstream_closing_after_each_response_never_surfaces_as_502(engine: Engi
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for i in 0..20 {
         c.send(get("/silent")).await;
         let resp = c.read(false).await;
@@ -75,7 +75,7 @@ async fn request_on_a_connection_the_upstream_just_closed_is_retried(engine: Eng
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for i in 0..10 {
         c.send(get(&format!("/r/{i}"))).await;
         let resp = c.read(false).await;
@@ -118,7 +118,7 @@ async fn client_leaving_mid_response_releases_the_request(engine: Engine) {
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get("/slow")).await;
     let got = tokio::time::timeout(IO, async {
         while c.rd.buf.len() < 100 * 1024 {
@@ -144,7 +144,7 @@ async fn client_leaving_mid_response_releases_the_request(engine: Engine) {
         || async { up.st.aborted.load(Ordering::SeqCst) == 1 },
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get("/still")).await;
     assert_eq!(c.read(false).await.text(), "/still");
 }
@@ -160,7 +160,7 @@ async fn expect_100_continue_gets_the_interim_and_the_body_through(engine: Engin
     )
     .await;
     let body = pattern(50_000, 11);
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(format!(
         "POST /expect HTTP/1.1\r\nHost: test.local\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -198,8 +198,8 @@ async fn post_to_a_refusing_upstream_gets_502_promptly(engine: Engine) {
     };
     let r = engine.router(dead, "").await;
     let body = pattern(64 * 1024, 13);
-    let c = Conn::open(r.addr).await;
-    let Conn { mut rd, mut wr } = c;
+    let c = Conn::open(r.dial()).await;
+    let Conn { mut rd, mut wr, .. } = c;
     let writer = tokio::spawn(async move {
         let head = format!(
             "POST /post HTTP/1.1\r\nHost: test.local\r\nContent-Length: {}\r\n\r\n",
@@ -253,7 +253,7 @@ async fn trickled_heads_are_served_and_unfinished_heads_are_cut_at_the_header_ti
     };
     // A head in 3-byte writes, 10 ms apart (about 0.2 s in all), twice on one connection:
     // the first request of a connection and a keep-alive one.
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for target in ["/trickle/1", "/trickle/2"] {
         let started = Instant::now();
         for part in trickle(target).chunks(3) {
@@ -268,16 +268,16 @@ async fn trickled_heads_are_served_and_unfinished_heads_are_cut_at_the_header_ti
 
     // A head that starts and never ends: the first request of a connection...
     let started = Instant::now();
-    let mut slow = Conn::open(r.addr).await;
+    let mut slow = Conn::open(r.dial()).await;
     slow.send("GET /never/1 HTTP/1.1\r\nHost: te").await;
     // ...and one on a keep-alive connection that already served a request.
-    let mut slow2 = Conn::open(r.addr).await;
+    let mut slow2 = Conn::open(r.dial()).await;
     slow2.send(get("/before-slow")).await;
     assert_eq!(slow2.read(false).await.status, 200);
     let started2 = Instant::now();
     slow2.send("GET /never/2 HTTP/1.1\r\nHo").await;
     // Others are served meanwhile.
-    let mut other = Conn::open(r.addr).await;
+    let mut other = Conn::open(r.dial()).await;
     other.send(get("/meanwhile")).await;
     assert_eq!(other.read(false).await.status, 200);
     for (what, conn, since) in [
@@ -309,7 +309,7 @@ async fn trickled_heads_are_served_and_unfinished_heads_are_cut_at_the_header_ti
         "an unfinished head reached the upstream"
     );
     // Still serving, and the cut connections were counted.
-    let mut after = Conn::open(r.addr).await;
+    let mut after = Conn::open(r.dial()).await;
     after.send(get("/after")).await;
     assert_eq!(after.read(false).await.text(), "/after");
     let counted = metric_value(&r, "edge_router_errors_total", &["header_timeout"]).await;
@@ -326,7 +326,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout_busy_ones_stay(eng
         "idle_timeout = \"1s\"",
     )
     .await;
-    let mut idle = Conn::open(r.addr).await;
+    let mut idle = Conn::open(r.dial()).await;
     idle.send(get("/once")).await;
     assert_eq!(idle.read(false).await.text(), "/once");
     // Watched while the busy connection below is served.
@@ -337,7 +337,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout_busy_ones_stay(eng
     });
 
     // Meanwhile a busy connection: a request every 300 ms for more than 2 s.
-    let mut busy = Conn::open(r.addr).await;
+    let mut busy = Conn::open(r.dial()).await;
     let busy_start = Instant::now();
     let mut n = 0;
     while busy_start.elapsed() < Duration::from_millis(2300) {
@@ -391,7 +391,7 @@ async fn bodies_around_16k_sent_in_two_parts_arrive_exact_and_keep_the_connectio
     for n in [0usize, 1, 16383, 16384, 16385, 200_000] {
         let body = pattern(n, n as u8);
         let target = format!("/size/{n}");
-        let mut c = Conn::open(r.addr).await;
+        let mut c = Conn::open(r.dial()).await;
         let mut first =
             format!("POST {target} HTTP/1.1\r\nHost: test.local\r\nContent-Length: {n}\r\n\r\n")
                 .into_bytes();
@@ -458,7 +458,7 @@ async fn get_then_expect_continue_then_get_on_one_connection_are_answered_in_ord
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get("/one")).await;
     let resp = c.read(false).await;
     assert_eq!((resp.status, resp.text().as_str()), (200, "/one"));
@@ -531,7 +531,7 @@ async fn pipelined_posts_then_a_get_are_answered_in_order_with_their_bodies(engi
         all.extend_from_slice(b);
     }
     all.extend_from_slice(get("/pp/get").as_bytes());
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(&all).await;
     for (i, b) in bodies.iter().enumerate() {
         let resp = c.read(false).await;
@@ -572,7 +572,7 @@ async fn http1_engine_serves_and_a_bogus_engine_is_refused_by_check(engine: Engi
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for i in 0..3 {
         let target = format!("/{}/{i}", engine.name());
         c.send(format!(
@@ -585,7 +585,7 @@ async fn http1_engine_serves_and_a_bogus_engine_is_refused_by_check(engine: Engi
         let q = up.last();
         assert_eq!(q.target, target);
         assert_eq!(q.header("x-forwarded-for"), Some("10.1.2.3, 127.0.0.1"));
-        assert_eq!(q.header("x-forwarded-proto"), Some("http"));
+        assert_eq!(q.header("x-forwarded-proto"), Some(engine.scheme()));
         assert_eq!(q.header("x-forwarded-host"), Some("test.local"));
         let rid = q.header("x-request-id").expect("x-request-id upstream");
         assert_eq!(resp.header("x-request-id"), Some(rid));
@@ -625,7 +625,7 @@ async fn http1_engine_serves_and_a_bogus_engine_is_refused_by_check(engine: Engi
     // says the change needs a restart, and the router goes on serving as before.
     let text = std::fs::read_to_string(&r.config_path).expect("config");
     let other = match engine {
-        Engine::Native => Engine::Hyper,
+        Engine::Native | Engine::NativeTls => Engine::Hyper,
         Engine::Hyper => Engine::Native,
     };
     r.rewrite_config(&text.replace(&engine.listener_line(), &other.listener_line()));
@@ -662,11 +662,10 @@ async fn drain_finishes_the_request_in_flight_with_close_and_closes_idle_connect
         "drain_timeout = \"15s\"",
     )
     .await;
-    let addr = r.addr;
-    let mut busy = Conn::open(addr).await;
+    let mut busy = Conn::open(r.dial()).await;
     busy.send(get("/warm/busy")).await;
     assert_eq!(busy.read(false).await.text(), "/warm/busy");
-    let mut idle = Conn::open(addr).await;
+    let mut idle = Conn::open(r.dial()).await;
     idle.send(get("/warm/idle")).await;
     assert_eq!(idle.read(false).await.text(), "/warm/idle");
 

@@ -22,7 +22,7 @@ async fn content_length_bodies_pass_byte_exact_both_ways(engine: Engine) {
     )
     .await;
     let body = pattern(300 * 1024, 7);
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     let mut req = format!(
         "POST /upload HTTP/1.1\r\nHost: test.local\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -62,7 +62,7 @@ async fn chunked_request_body_arrives_complete_and_validly_framed(engine: Engine
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     let big = pattern(100_000, 9);
     let mut want = b"hello".to_vec();
     want.extend_from_slice(b"abcdefghijklmnopqrstuvwxyz");
@@ -133,7 +133,7 @@ async fn upstream_chunked_and_close_delimited_responses_are_reframed(engine: Eng
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get("/chunked")).await;
     let resp = c.read(false).await;
     assert_eq!(resp.status, 200);
@@ -178,7 +178,7 @@ async fn upstream_chunked_and_close_delimited_responses_are_reframed(engine: Eng
     }
 
     // An HTTP/1.0 client never gets chunked: close-delimited, then the close.
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send("GET /chunked HTTP/1.0\r\nHost: test.local\r\n\r\n")
         .await;
     let resp = c.read(false).await;
@@ -207,7 +207,7 @@ async fn http11_client_gets_http11_from_an_http10_upstream(engine: Engine) {
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get("/len")).await;
     let resp = c.read(false).await;
     assert_eq!((resp.status, resp.text().as_str()), (200, "ok"));
@@ -239,7 +239,7 @@ async fn head_204_and_304_have_no_body_and_keep_the_connection(engine: Engine) {
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send("HEAD /head HTTP/1.1\r\nHost: test.local\r\n\r\n")
         .await;
     let resp = c.read(true).await;
@@ -305,7 +305,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection(engine: Engi
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(format!("{}{}{}", get("/p/1"), get("/p/2"), get("/p/3")))
         .await;
     for i in 1..=3 {
@@ -323,7 +323,7 @@ both_engines!(pipelined_requests_are_answered_in_order_on_one_connection);
 
 async fn http10_closes_without_keep_alive_and_keeps_with_it(engine: Engine) {
     let (_up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send("GET /h10 HTTP/1.0\r\nHost: test.local\r\n\r\n")
         .await;
     let resp = c.read(false).await;
@@ -335,7 +335,7 @@ async fn http10_closes_without_keep_alive_and_keeps_with_it(engine: Engine) {
     );
     c.expect_closed().await;
 
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for i in 0..2 {
         c.send(format!(
             "GET /ka{i} HTTP/1.0\r\nHost: test.local\r\nConnection: keep-alive\r\n\r\n"
@@ -366,9 +366,11 @@ async fn fifty_requests_on_one_connection_reuse_upstream_connections(engine: Eng
         .with_test_writer()
         .try_init();
     let b = Backend::start("a", 0).await;
-    let r = TestRouter::start(&engine.config(&[endpoint(&b, "r1", "r1a")], "")).await;
+    let r = engine
+        .start(&engine.config(&[endpoint(&b, "r1", "r1a")], ""))
+        .await;
     r.wait_all_healthy().await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for i in 0..50 {
         c.send(get(&format!("/n/{i}"))).await;
         let resp = c.read(false).await;
@@ -524,7 +526,7 @@ async fn head_over_max_header_bytes_gets_431(engine: Engine) {
     )
     .await;
     // Under the limit: served.
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(format!(
         "GET /fits HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\n\r\n",
         "p".repeat(4000)
@@ -545,7 +547,7 @@ async fn request_targets_are_forwarded_unchanged_and_absolute_form_becomes_origi
     engine: Engine,
 ) {
     let (up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     for target in [
         "/q/a%20b/%2Fc?x=1&y=%41%2b&z=a+b&e=&&f",
         "/q/./a/../b//c",

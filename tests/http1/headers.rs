@@ -21,7 +21,7 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set(engine: Engi
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(
         "GET /one-line?a=1 HTTP/1.1\r\nHost: Example.COM:8080\r\nConnection: close, x-secret\r\n\
          X-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
@@ -45,7 +45,7 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set(engine: Engi
     );
     assert_eq!(hall(&q.headers, "host"), ["Example.COM:8080"]);
     assert_eq!(q.header("x-forwarded-for"), Some("10.0.0.1, 127.0.0.1"));
-    assert_eq!(q.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(q.header("x-forwarded-proto"), Some(engine.scheme()));
     assert_eq!(q.header("x-forwarded-host"), Some("Example.COM:8080"));
     assert_eq!(q.header("x-keep"), Some("yes"));
     assert_eq!(q.target, "/one-line?a=1");
@@ -69,7 +69,7 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set(engine: Engi
     c.expect_closed().await;
 
     // A keep-alive request: a client request id, no prior X-Forwarded-For, TE: trailers.
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(
         "GET /one-line HTTP/1.1\r\nHost: test.local\r\nX-Request-Id: abc-123\r\nTE: trailers\r\n\r\n",
     )
@@ -112,7 +112,7 @@ async fn connection_options_on_a_second_line_are_stripped_too(engine: Engine) {
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(
         "GET /x HTTP/1.1\r\nHost: test.local\r\nConnection: keep-alive\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n",
     )
@@ -154,7 +154,7 @@ async fn many_headers_and_set_cookie_lines_reach_the_client_in_order(engine: Eng
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get("/cookies")).await;
     let resp = c.read(false).await;
     assert_eq!(resp.status, 200);

@@ -21,7 +21,7 @@ async fn setup_with_wildcard(engine: Engine) -> (RawUpstream, TestRouter) {
         &format!("{WILDCARD_ROUTE}\n[[route]]\n"),
         1,
     );
-    let r = TestRouter::start(&text).await;
+    let r = engine.start(&text).await;
     r.wait_all_healthy().await;
     (up, r)
 }
@@ -31,7 +31,7 @@ async fn setup_with_wildcard(engine: Engine) -> (RawUpstream, TestRouter) {
 /// that nothing of `raw` reached the upstream.
 async fn refused(r: &TestRouter, up: &RawUpstream, what: &str, raw: &[u8]) -> Resp {
     let heads = up.heads();
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send_lossy(raw).await;
     let resp = c.read(false).await;
     eprintln!(
@@ -41,7 +41,7 @@ async fn refused(r: &TestRouter, up: &RawUpstream, what: &str, raw: &[u8]) -> Re
         resp.text()
     );
     let marker = format!("/marker-after-{}", what.replace(' ', "-"));
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get(&marker)).await;
     assert_eq!(
         c.read(false).await.status,
@@ -73,7 +73,7 @@ async fn bad_host(r: &TestRouter, up: &RawUpstream, what: &str, raw: &[u8]) {
 async fn non_ascii_host_against_a_wildcard_route_gets_400_bad_host(engine: Engine) {
     let (up, r) = setup_with_wildcard(engine).await;
     // A good `*.ab` host is served.
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send("GET /w HTTP/1.1\r\nHost: x.ab\r\n\r\n").await;
     assert_eq!(c.read(false).await.status, 200);
     bad_host(
@@ -136,7 +136,7 @@ both_engines!(absolute_form_target_disagreeing_with_host_gets_400_bad_host,);
 /// upstream needs (RFC 9110 7.6.1: a proxy must not remove end-to-end semantics it relies on).
 async fn connection_host_does_not_strip_host(engine: Engine) {
     let (up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send("GET /ch HTTP/1.1\r\nHost: test.local\r\nConnection: host\r\n\r\n")
         .await;
     let resp = c.read(false).await;
@@ -169,7 +169,7 @@ async fn upstream_content_length_with_chunked_reaches_the_client_without_content
         "",
     )
     .await;
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get("/both")).await;
     let resp = c.read(false).await;
     eprintln!(
@@ -217,7 +217,7 @@ both_engines!(connect_with_origin_form_target_is_refused,);
 async fn underscore_forwarded_for_lookalike_is_not_forwarded(engine: Engine) {
     let (up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
     let heads = up.heads();
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send("GET /u HTTP/1.1\r\nHost: test.local\r\nX_Forwarded_For: 1.2.3.4\r\n\r\n")
         .await;
     let resp = c.read(false).await;

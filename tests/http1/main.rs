@@ -1,7 +1,7 @@
 //! HTTP/1.1 conformance and robustness of the data path, over real sockets, on both
 //! HTTP/1.1 engines (`listener.http1_engine`: `native` and `hyper`).
 //!
-//! Clients here are raw TCP: they write exact bytes and parse the response themselves
+//! Clients here are raw TCP (or raw bytes over TLS): they write exact bytes and parse the response themselves
 //! (status line, headers, body by Content-Length / chunked / close), so framing is under the
 //! test's control and visible to it. Where a test must see exactly what the upstream got, the
 //! upstream is a raw TCP server too ([`support::RawUpstream`]): it parses each request
@@ -9,17 +9,21 @@
 //! checks (`GET /healthz`) with a keep-alive 200.
 //!
 //! Every case is an `async fn(Engine)` run once per engine by [`both_engines!`], as
-//! `CASE::native` and `CASE::hyper`: both engines must keep the same contract. Every wait has
+//! `CASE::native`, `CASE::hyper` and `CASE::native_tls` (the native engine serving HTTPS):
+//! every engine, over TCP or TLS, must keep the same contract. Every wait has
 //! a deadline; nothing asserts on speed.
 
 #[path = "../common/mod.rs"]
 mod common;
 mod support;
+#[path = "../tls_util/mod.rs"]
+mod tls_util;
 
-/// Two tests for the case `$case`: `$case::native` and `$case::hyper`, each bounded as a
-/// whole. `native = "why"` / `hyper = "why"` mark that engine's variant ignored, with why.
+/// Three tests for the case `$case`: `$case::native`, `$case::hyper` and `$case::native_tls`
+/// (the native engine behind a TLS listener), each bounded as a whole. `native = "why"` /
+/// `hyper = "why"` / `tls = "why"` mark that variant ignored, with why.
 macro_rules! both_engines {
-    ($case:ident $(, native = $n:literal)? $(, hyper = $h:literal)? $(,)?) => {
+    ($case:ident $(, native = $n:literal)? $(, hyper = $h:literal)? $(, tls = $t:literal)? $(,)?) => {
         mod $case {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             $(#[ignore = $n])?
@@ -32,6 +36,12 @@ macro_rules! both_engines {
             async fn hyper() {
                 crate::support::bounded(super::$case(crate::support::Engine::Hyper)).await;
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[ignore = $t])?
+            async fn native_tls() {
+                crate::support::bounded(super::$case(crate::support::Engine::NativeTls)).await;
+            }
         }
     };
 }
@@ -42,3 +52,4 @@ mod framing;
 mod headers;
 mod host;
 mod proxy_out;
+mod tls;

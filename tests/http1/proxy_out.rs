@@ -146,8 +146,8 @@ async fn proxy_headers_name_each_client(engine: Engine, version: u8) {
 
     let mut a = Conn::open(r.addr).await;
     let mut b = Conn::open(r.addr).await;
-    let a_addr = a.wr.local_addr().expect("addr");
-    let b_addr = b.wr.local_addr().expect("addr");
+    let a_addr = a.local.expect("addr");
+    let b_addr = b.local.expect("addr");
     let mut conns: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
     // Interleaved, so a shared pool would hand A's connection to B.
     for i in 0..3 {

@@ -3,12 +3,11 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub use crate::common::{config, endpoint, post, wait_until, Backend, TestRouter};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -216,27 +215,96 @@ impl Resp {
     }
 }
 
+/// Where a client connects: the router's address, and how to trust it when its listener
+/// terminates TLS.
+#[derive(Clone)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl From<SocketAddr> for Dial {
+    fn from(addr: SocketAddr) -> Dial {
+        Dial { addr, tls: None }
+    }
+}
+
+impl TestRouter {
+    /// How a client reaches this router's listener (over TLS when it terminates TLS).
+    pub fn dial(&self) -> Dial {
+        Dial {
+            addr: self.addr,
+            tls: self.client_tls.clone(),
+        }
+    }
+}
+
 pub struct Conn {
-    pub rd: Wire<OwnedReadHalf>,
-    pub wr: OwnedWriteHalf,
+    pub rd: Wire<Box<dyn AsyncRead + Unpin + Send>>,
+    pub wr: Box<dyn AsyncWrite + Unpin + Send>,
+    /// This client's own address, as the router sees it.
+    pub local: Option<SocketAddr>,
 }
 
 impl Conn {
-    pub async fn open(addr: SocketAddr) -> Conn {
-        let s = tokio::time::timeout(IO, TcpStream::connect(addr))
+    pub async fn open(to: impl Into<Dial>) -> Conn {
+        let to = to.into();
+        let s = tokio::time::timeout(IO, TcpStream::connect(to.addr))
             .await
             .expect("connect timed out")
             .expect("connect");
         let _ = s.set_nodelay(true);
-        let (r, w) = s.into_split();
+        let local = s.local_addr().ok();
+        let Some(tls) = to.tls else {
+            let (r, w) = s.into_split();
+            return Conn {
+                rd: Wire::new(Box::new(r)),
+                wr: Box::new(w),
+                local,
+            };
+        };
+        let name = rustls::pki_types::ServerName::try_from(TLS_NAME).expect("server name");
+        let s = tokio::time::timeout(IO, tokio_rustls::TlsConnector::from(tls).connect(name, s))
+            .await
+            .expect("TLS handshake timed out")
+            .expect("TLS handshake");
         Conn {
-            rd: Wire::new(r),
-            wr: w,
+            local,
+            ..Conn::over(s)
         }
     }
 
+    /// A client on a stream already connected (and, for TLS, through its handshake).
+    pub fn over<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(s: S) -> Conn {
+        let (r, w) = tokio::io::split(s);
+        Conn {
+            rd: Wire::new(Box::new(r)),
+            wr: Box::new(w),
+            local: None,
+        }
+    }
+
+    /// The next response and its head as it came on the wire.
+    pub async fn read_raw(&mut self, head: bool) -> (String, Resp) {
+        let raw = tokio::time::timeout(IO, self.rd.head())
+            .await
+            .expect("response timed out")
+            .expect("a response head");
+        self.rd.buf.splice(0..0, raw.iter().copied());
+        (
+            String::from_utf8_lossy(&raw).to_string(),
+            self.read(head).await,
+        )
+    }
+
+    /// Writes all of `b` (out of the TLS session too).
+    async fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.wr.write_all(b).await?;
+        self.wr.flush().await
+    }
+
     pub async fn send(&mut self, b: impl AsRef<[u8]>) {
-        tokio::time::timeout(IO, self.wr.write_all(b.as_ref()))
+        tokio::time::timeout(IO, self.write(b.as_ref()))
             .await
             .expect("write timed out")
             .expect("write");
@@ -244,7 +312,7 @@ impl Conn {
 
     /// Writes, ignoring a failure (the router may close on a bad request before reading it all).
     pub async fn send_lossy(&mut self, b: impl AsRef<[u8]>) {
-        let _ = tokio::time::timeout(IO, self.wr.write_all(b.as_ref())).await;
+        let _ = tokio::time::timeout(IO, self.write(b.as_ref())).await;
     }
 
     /// The next response, interim ones included. `head` says the request was HEAD.
@@ -621,18 +689,68 @@ pub fn raw_endpoint(addr: SocketAddr) -> String {
     format!("\n[[cluster.endpoint]]\naddress = \"{addr}\"\nregion = \"r1\"\nzone = \"r1a\"\n")
 }
 
-/// Which HTTP/1.1 engine serves the listener (`listener.http1_engine`).
+/// Which HTTP/1.1 engine serves the listener (`listener.http1_engine`), and whether the
+/// listener terminates TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Native,
     Hyper,
+    /// The native engine behind TLS (clients offer no ALPN: HTTP/1.1).
+    NativeTls,
+}
+
+/// The name the TLS listener's certificate is for.
+pub const TLS_NAME: &str = "test.local";
+
+/// A certificate for [`TLS_NAME`] from a private CA, and a client config trusting that CA;
+/// made once per test process.
+pub struct TlsFixture {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca: crate::tls_util::Ca,
+}
+
+pub fn tls_fixture() -> &'static TlsFixture {
+    static F: OnceLock<TlsFixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let ca = crate::tls_util::Ca::new("http1 test ca");
+        let leaf = ca.leaf(&[TLS_NAME]);
+        TlsFixture {
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            ca,
+        }
+    })
+}
+
+/// The `[listener]` line for a TLS listener with the fixture's certificate (files written by
+/// [`start_tls_router`]).
+pub const TLS_LISTENER: &str = r#"tls = { cert = "{dir}/edge.pem", key = "{dir}/edge.key" }"#;
+
+/// A router for `toml` whose listener has [`TLS_LISTENER`]; clients get the fixture CA.
+pub async fn start_tls_router(toml: &str, client: Arc<rustls::ClientConfig>) -> TestRouter {
+    let f = tls_fixture();
+    let mut r =
+        TestRouter::start_with_files(toml, &[("edge.pem", &f.cert_pem), ("edge.key", &f.key_pem)])
+            .await;
+    r.client_tls = Some(client);
+    r
 }
 
 impl Engine {
+    /// The `listener.http1_engine` value.
     pub fn name(self) -> &'static str {
         match self {
-            Engine::Native => "native",
+            Engine::Native | Engine::NativeTls => "native",
             Engine::Hyper => "hyper",
+        }
+    }
+
+    /// What the upstream sees in `x-forwarded-proto`.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Engine::NativeTls => "https",
+            _ => "http",
         }
     }
 
@@ -643,16 +761,31 @@ impl Engine {
 
     /// [`config`] with this engine on the listener.
     pub fn config(self, endpoints: &[String], listener_extra: &str) -> String {
+        let tls = if self == Engine::NativeTls {
+            TLS_LISTENER
+        } else {
+            ""
+        };
         config(
             endpoints,
             "",
-            &format!("{}\n{listener_extra}", self.listener_line()),
+            &format!("{}\n{tls}\n{listener_extra}", self.listener_line()),
         )
     }
 
     /// A router with this engine in front of the raw upstream at `addr`, not yet healthy.
     pub async fn router(self, addr: SocketAddr, listener_extra: &str) -> TestRouter {
-        TestRouter::start(&self.config(&[raw_endpoint(addr)], listener_extra)).await
+        self.start(&self.config(&[raw_endpoint(addr)], listener_extra))
+            .await
+    }
+
+    /// A router for `text` (a [`Engine::config`], perhaps edited).
+    pub async fn start(self, text: &str) -> TestRouter {
+        if self == Engine::NativeTls {
+            start_tls_router(text, tls_fixture().ca.client()).await
+        } else {
+            TestRouter::start(text).await
+        }
     }
 }
 
@@ -689,7 +822,7 @@ pub struct Outcome {
 /// that tells what of the bad one reached the upstream.
 pub async fn try_bad(r: &TestRouter, up: &RawUpstream, what: &str, raw: &[u8]) -> Outcome {
     let (heads, seen) = (up.heads(), up.seen().len());
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send_lossy(raw).await;
     let resp = c.read(false).await;
     eprintln!(
@@ -700,7 +833,7 @@ pub async fn try_bad(r: &TestRouter, up: &RawUpstream, what: &str, raw: &[u8]) -
     );
     c.expect_closed().await;
     let marker = format!("/marker-after-{}", what.replace(' ', "-"));
-    let mut c = Conn::open(r.addr).await;
+    let mut c = Conn::open(r.dial()).await;
     c.send(get(&marker)).await;
     assert_eq!(c.read(false).await.status, 200);
     let all = up.seen();
@@ -755,11 +888,11 @@ pub async fn metric_value(r: &TestRouter, name: &str, labels: &[&str]) -> f64 {
 /// `conns` connections at once, each doing `per_conn` GETs in turn; every response must be
 /// 200 with its own target echoed. Returns how many were.
 pub async fn many_connections(r: &TestRouter, conns: usize, per_conn: usize) -> usize {
-    let addr = r.addr;
     let mut tasks = JoinSet::new();
     for i in 0..conns {
+        let to = r.dial();
         tasks.spawn(async move {
-            let mut c = Conn::open(addr).await;
+            let mut c = Conn::open(to).await;
             let mut ok = 0;
             for j in 0..per_conn {
                 let target = format!("/many/{i}/{j}");

@@ -82,25 +82,21 @@ pub(super) fn give_buf(mut buf: BytesMut) {
 }
 
 /// A connection handed to hyper, with the bytes this path read replayed first.
-pub struct Prefixed {
+pub struct Prefixed<S> {
     pub(super) prefix: BytesMut,
-    pub(super) stream: TcpStream,
+    pub(super) stream: S,
 }
 
-impl Prefixed {
-    pub fn new(stream: TcpStream) -> Prefixed {
+impl<S> Prefixed<S> {
+    pub fn new(stream: S) -> Prefixed<S> {
         Prefixed {
             prefix: BytesMut::new(),
             stream,
         }
     }
-
-    pub fn into_inner(self) -> TcpStream {
-        self.stream
-    }
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -117,7 +113,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,12 +1,13 @@
-//! The native HTTP/1.1 data path: plain-TCP HTTP/1.1 clients to plain HTTP/1.1 upstreams,
-//! with no hyper in between.
+//! The native HTTP/1.1 data path: HTTP/1.1 clients, over plain TCP or TLS, to plain HTTP/1.1
+//! upstreams, with no hyper in between.
 //!
 //! Why: hyper's server and pooled client cost a channel hand-off between tasks, a `HeaderMap`
 //! per message each way and 16 KiB of buffers held by every connection, idle or not. Here one
 //! task per client connection parses the head in place (httparse), rewrites it straight into
 //! the upstream request, drives a pooled upstream connection inline and copies the response
 //! through. Buffers are taken from a per-thread cache only while a request is in flight, so
-//! an idle keep-alive connection holds its socket and its task, nothing more.
+//! an idle keep-alive connection holds its socket and its task, nothing more (and, over TLS,
+//! its rustls session). The engine is one, generic over the client's stream ([`Client`]).
 //!
 //! Anything this path does not do is handed to hyper on the same connection, with the bytes
 //! already read replayed first ([`Prefixed`]): HTTP/2 prior knowledge (h2c), HTTP/1.0
@@ -15,14 +16,17 @@
 //! hand-off is seamless; the rest of that connection stays with hyper.
 
 mod buffers;
+mod client;
 mod request;
 mod respond;
 mod upstream;
 
 pub use buffers::Prefixed;
 use buffers::{give_buf, take_buf, Scratch};
+pub use client::Client;
+use client::{close, write_all};
 use request::{error_bytes, head_end_seen, prepare, refusal, Forward, RequestId, Step};
-use respond::{respond, write_all};
+use respond::respond;
 use upstream::{send, Failure, Head, Private};
 
 pub mod wire;
@@ -71,23 +75,25 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// The listener's id, for its routes.
     pub listener: u64,
+    /// The listener terminates TLS: `x-forwarded-proto: https`.
+    pub https: bool,
 }
 
 /// How [`serve`] ends.
-pub enum Served {
+pub enum Served<C> {
     Ended(End),
     /// Hand the connection to hyper: it starts with bytes already read.
-    Hyper(Prefixed),
+    Hyper(Prefixed<C>),
 }
 
-/// Serves one plain-TCP connection for as long as it stays HTTP/1.1 this path can carry.
-pub async fn serve(
-    mut stream: TcpStream,
+/// Serves one connection for as long as it stays HTTP/1.1 this path can carry.
+pub async fn serve<C: Client>(
+    mut stream: C,
     peer: SocketAddr,
     state: &ProxyState,
     signal: &mut watch::Receiver<Signal>,
     limits: Limits,
-) -> Served {
+) -> Served<C> {
     let accepted = Instant::now();
     let mut buf = BytesMut::new();
     // Made on the first request to a cluster that sends PROXY headers: the others never
@@ -148,14 +154,7 @@ pub async fn serve(
                     head_end_seen(&buf, &mut scanned)
                 };
                 if ready {
-                    match prepare(
-                        &buf,
-                        &table,
-                        peer,
-                        limits.max_header_bytes,
-                        limits.listener,
-                        state,
-                    ) {
+                    match prepare(&buf, &table, peer, &limits, state) {
                         Step::Partial => {}
                         Step::MoreBody(total) => need = total,
                         step => break step,
@@ -217,7 +216,7 @@ pub async fn serve(
         };
         let keep = next.await;
         if !keep {
-            let _ = stream.shutdown().await;
+            close(&mut stream, limits.idle_timeout).await;
             give_buf(buf);
             return Served::Ended(End::Closed);
         }
@@ -226,8 +225,8 @@ pub async fn serve(
 
 /// Sends `f` upstream (retrying as the cluster allows) and copies the response to the
 /// client. Returns whether the client connection stays open.
-async fn forward(
-    client: &mut TcpStream,
+async fn forward<C: Client>(
+    client: &mut C,
     buf: &mut BytesMut,
     f: Forward<'_>,
     limits: Limits,

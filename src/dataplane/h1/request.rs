@@ -142,10 +142,15 @@ pub(super) fn prepare<'t>(
     buf: &[u8],
     table: &'t Table,
     peer: SocketAddr,
-    max_header_bytes: usize,
-    listener: u64,
+    limits: &Limits,
     state: &ProxyState,
 ) -> Step<'t> {
+    let Limits {
+        max_header_bytes,
+        listener,
+        https,
+        ..
+    } = *limits;
     // HTTP/2 with prior knowledge starts "PRI * HTTP/2.0".
     if buf.starts_with(b"PRI ") || (buf.len() < 4 && b"PRI ".starts_with(buf)) {
         return if buf.len() < 4 {
@@ -376,7 +381,9 @@ pub(super) fn prepare<'t>(
         use std::io::Write;
         let _ = write!(up, "{}", peer.ip().to_canonical());
     }
-    up.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    let proto: &[u8] = if https { b"https" } else { b"http" };
+    up.extend_from_slice(b"\r\n");
+    wire::put_header(&mut up, b"x-forwarded-proto", proto);
     wire::put_header(&mut up, b"x-forwarded-host", host_raw);
     wire::put_header(&mut up, b"x-request-id", request_id.as_bytes());
     match body {

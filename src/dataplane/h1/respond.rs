@@ -6,8 +6,8 @@ use super::*;
 /// Writes the response head and copies the body through; returns the upstream connection
 /// to its pool when the response ended cleanly. Returns whether the client stays open.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn respond(
-    client: &mut TcpStream,
+pub(super) async fn respond<C: Client>(
+    client: &mut C,
     head: Head,
     mut done: Completion,
     ep: &crate::state::EndpointState,
@@ -138,23 +138,4 @@ pub(super) fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
     let _ = write!(out, "{:x}\r\n", data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
-}
-
-/// `write_all`, bounded: a client that does not read for `timeout` is cut off.
-pub(super) async fn write_all(
-    s: &mut TcpStream,
-    bytes: &[u8],
-    timeout: Duration,
-) -> io::Result<()> {
-    // Usually the socket takes it all at once: no timer, no clock read.
-    let bytes = match s.try_write(bytes) {
-        Ok(n) if n == bytes.len() => return Ok(()),
-        Ok(n) => &bytes[n..],
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => bytes,
-        Err(e) => return Err(e),
-    };
-    match tokio::time::timeout(timeout, s.write_all(bytes)).await {
-        Ok(r) => r,
-        Err(_) => Err(io::ErrorKind::TimedOut.into()),
-    }
 }

@@ -183,6 +183,13 @@ cluster = "api"
         let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
         let table = state.table.load_full();
         let mut forwarded = 0;
+        let limits = Limits {
+            header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_header_bytes: 64 * 1024,
+            listener: 0,
+            https: false,
+        };
         for _ in 0..20_000 {
             let mut buf = Vec::new();
             if next(2) == 0 {
@@ -199,7 +206,7 @@ cluster = "api"
                     buf.extend_from_slice(PIECES[next(PIECES.len())]);
                 }
             }
-            if let Step::Forward(f) = prepare(&buf, &table, peer, 64 * 1024, 0, &state) {
+            if let Step::Forward(f) = prepare(&buf, &table, peer, &limits, &state) {
                 forwarded += 1;
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut up = httparse::Request::new(&mut headers);
@@ -258,6 +265,7 @@ mod size {
             idle_timeout: Duration::from_secs(1),
             max_header_bytes: 65536,
             listener: 0,
+            https: false,
         };
         let peer = "127.0.0.1:1".parse().expect("addr");
         let fut = serve(s, peer, &state, &mut rx, limits);
