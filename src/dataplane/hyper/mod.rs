@@ -289,6 +289,8 @@ async fn forward(
         Version::HTTP_11
     };
     let mut headers = Some(parts.headers);
+    // One resend on a fresh connection when a pooled one turns out closed (see below).
+    let mut closed_resend = saved_headers.is_some();
 
     loop {
         let (ep, zone) = x.target();
@@ -349,6 +351,18 @@ async fn forward(
         };
         drop(in_flight);
         let may_resend = body.can_resend();
+        // hyper's pool does not say whether the connection was a reused one; the native
+        // engine knows and resends only then. Once, on the same endpoint, is what a stale
+        // pooled connection needs; an endpoint that closes every connection fails again and
+        // is counted then.
+        if matches!(failure, AttemptError::Closed(_))
+            && closed_resend
+            && may_resend
+            && x.idempotent()
+        {
+            closed_resend = false;
+            continue;
+        }
         match x.failed(failure, may_resend) {
             Next::Retry => continue,
             Next::Reply(r) => return error_exit(r, &request_id),
@@ -379,9 +393,29 @@ fn attempt_error(e: &hyper_util::client::legacy::Error) -> AttemptError {
             tls: upstream::tls_problem(e).is_some(),
             detail,
         }
+    } else if closed_unanswered(e) {
+        AttemptError::Closed(detail)
     } else {
         AttemptError::Reset(detail)
     }
+}
+
+/// Whether the upstream closed (or reset) the connection before any byte of a response.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// Whether a failed upstream request failed because of the client's body stream, which is

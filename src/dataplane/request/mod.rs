@@ -175,6 +175,11 @@ pub enum AttemptError {
     Connect { detail: String, tls: bool },
     /// The connection broke, or the upstream answered garbage, after the request went out.
     Reset(String),
+    /// The upstream closed the connection without a byte of answer, as a pooled connection
+    /// does when its idle timeout fires just as a request goes out on it. An engine that
+    /// cannot tell a reused connection from a fresh one sends an idempotent request once
+    /// more before this counts; then it counts as [`AttemptError::Reset`].
+    Closed(String),
     /// The route's timeout passed before the response head.
     Timeout,
     /// The client broke off (while its body was being read or sent): nobody to answer.
@@ -381,7 +386,7 @@ impl<'t> Exchange<'t> {
                 };
                 (kind, may_resend, Cow::Owned(detail))
             }
-            AttemptError::Reset(detail) => {
+            AttemptError::Reset(detail) | AttemptError::Closed(detail) => {
                 ep.record_outcome(true, &cfg.outlier);
                 let again = may_resend && self.replayable && self.idempotent;
                 (ErrorKind::UpstreamReset, again, Cow::Owned(detail))
