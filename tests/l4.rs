@@ -184,18 +184,7 @@ async fn tcp_goes_to_the_nearest_zone_and_fails_over_without_a_failed_connect() 
     ))
     .await;
     r.wait_all_healthy().await;
-    wait_until(
-        "the own zone ranks first",
-        Duration::from_secs(10),
-        || async {
-            let routes = r.routes().await;
-            routes["clusters"][0]["zones"]
-                .as_array()
-                .and_then(|zs| zs.iter().find(|z| z["rank"] == 0))
-                .is_some_and(|z| z["zone"] == "r1a")
-        },
-    )
-    .await;
+    wait_own_zone_first(&r).await;
     let addr = r.router.listener_addr("t").expect("tcp listener");
     for i in 0..20u8 {
         let got = round_trip(addr, &[i; 1000]).await.expect("round trip");
