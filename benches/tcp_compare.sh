@@ -26,6 +26,8 @@ usage: benches/tcp_compare.sh [options]     (or: benches/compare.sh --workload t
   --cps-conns N       CPS_CONNS    concurrent connect/close loops (default 16)
   --edge-router PATH  EDGE_ROUTER  edge-router binary (default target/release/edge-router)
   --proxies "LIST"    PROXIES      subset/order of: nginx haproxy edge-router baseline
+                                   edge-router-b (a second edge-router binary, for an A/B
+                                   of a change in the same run: EDGE_ROUTER_B=PATH)
   --results FILE      RESULTS      markdown results (default target/bench-compare/tcp-<time>.md)
   --quick                          1 round of 2 s (a smoke test)
 Other environment: PROXY_CORE (0), LOAD_CORE (1), PORT_BASE (18180), KEEP_TMP=1.
@@ -46,6 +48,7 @@ RESULTS=${RESULTS:-}
 KEEP_TMP=${KEEP_TMP:-0}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EDGE_ROUTER=${EDGE_ROUTER:-$ROOT/target/release/edge-router}
+EDGE_ROUTER_B=${EDGE_ROUTER_B:-}
 
 die2() { echo "tcp_compare.sh: $*" >&2; exit 2; }
 need_arg() { [ $# -ge 2 ] && [ -n "$2" ] || die2 "$1 needs a value (see --help)"; }
@@ -69,7 +72,7 @@ for v in ROUNDS DURATION BULK_CONNS CPS_CONNS PROXY_CORE LOAD_CORE PORT_BASE; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die2 "$v must be a non-negative integer, got '${!v}'"
 done
 [ "$ROUNDS" -ge 1 ] && [ "$DURATION" -ge 1 ] && [ "$BULK_CONNS" -ge 1 ] && [ "$CPS_CONNS" -ge 1 ] || die2 "ROUNDS, DURATION, BULK_CONNS and CPS_CONNS must be >= 1"
-for p in $PROXIES; do case "$p" in nginx|haproxy|edge-router|baseline) ;; *) die2 "unknown proxy '$p' in PROXIES" ;; esac; done
+for p in $PROXIES; do case "$p" in nginx|haproxy|edge-router|edge-router-b|baseline) ;; *) die2 "unknown proxy '$p' in PROXIES" ;; esac; done
 
 missing=()
 for t in nginx haproxy taskset rustc; do command -v "$t" >/dev/null 2>&1 || missing+=("$t"); done
@@ -86,11 +89,15 @@ fi
 case " $PROXIES " in *" edge-router "*)
   [ -x "$EDGE_ROUTER" ] || die2 "edge-router binary not found at $EDGE_ROUTER (cargo build --release, or --edge-router PATH)" ;;
 esac
+case " $PROXIES " in *" edge-router-b "*)
+  [ -n "$EDGE_ROUTER_B" ] && [ -x "$EDGE_ROUTER_B" ] || die2 "edge-router-b needs EDGE_ROUTER_B=PATH to a binary" ;;
+esac
 [ "$PROXY_CORE" != "$LOAD_CORE" ] && [ "$PROXY_CORE" -lt "$(nproc)" ] && [ "$LOAD_CORE" -lt "$(nproc)" ] || die2 "need two distinct cores PROXY_CORE=$PROXY_CORE LOAD_CORE=$LOAD_CORE"
 
 PORT_BACKEND=$PORT_BASE
-declare -A PORT=( [nginx]=$((PORT_BASE + 1)) [haproxy]=$((PORT_BASE + 2)) [edge-router]=$((PORT_BASE + 3)) [baseline]=$PORT_BASE )
-PORT_ADMIN=$((PORT_BASE + 13))
+declare -A PORT=( [nginx]=$((PORT_BASE + 1)) [haproxy]=$((PORT_BASE + 2)) [edge-router]=$((PORT_BASE + 3)) [edge-router-b]=$((PORT_BASE + 4)) [baseline]=$PORT_BASE )
+declare -A ADMIN=( [edge-router]=$((PORT_BASE + 13)) [edge-router-b]=$((PORT_BASE + 14)) )
+declare -A BIN=( [edge-router]=$EDGE_ROUTER [edge-router-b]=$EDGE_ROUTER_B )
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/edge-tcp-compare.XXXXXX") || { echo "mktemp failed" >&2; exit 1; }
@@ -113,7 +120,7 @@ trap 'exit 143' TERM
 fail() { echo "tcp_compare.sh: $1" >&2; [ -n "${2:-}" ] && [ -s "$2" ] && tail -n 15 "$2" >&2; exit 1; }
 
 port_busy() { ( exec 3<>"/dev/tcp/127.0.0.1/$1" ) 2>/dev/null; }
-for p in $PORT_BACKEND ${PORT[nginx]} ${PORT[haproxy]} ${PORT[edge-router]} $PORT_ADMIN; do
+for p in $PORT_BACKEND ${PORT[nginx]} ${PORT[haproxy]} ${PORT[edge-router]} ${PORT[edge-router-b]} ${ADMIN[edge-router]} ${ADMIN[edge-router-b]}; do
   port_busy "$p" && die2 "127.0.0.1:$p is already in use (set PORT_BASE)"
 done
 
@@ -149,7 +156,7 @@ wait_port() { # name port deadline_s log
   done
 }
 
-mkdir -p "$W/nginx" "$W/haproxy" "$W/edge-router" "$W/backend" "$W/runs"
+mkdir -p "$W/nginx" "$W/haproxy" "$W/edge-router" "$W/edge-router-b" "$W/backend" "$W/runs"
 start backend "$LOAD_CORE" "$W/backend/log" "$W/tcp_load" echo "127.0.0.1:$PORT_BACKEND"
 wait_port backend "$PORT_BACKEND" 10 "$W/backend/log"
 
@@ -191,15 +198,16 @@ frontend fe
 backend be
   server s1 127.0.0.1:$PORT_BACKEND check inter 1s
 EOF
-cat >"$W/edge-router/edge.toml" <<EOF
+for e in edge-router edge-router-b; do
+cat >"$W/$e/edge.toml" <<EOF
 [[listener]]
 name = "echo"
-address = "127.0.0.1:${PORT[edge-router]}"
+address = "127.0.0.1:${PORT[$e]}"
 protocol = "tcp"
 cluster = "echo"
 
 [admin]
-address = "127.0.0.1:$PORT_ADMIN"
+address = "127.0.0.1:${ADMIN[$e]}"
 
 [locality]
 region = "local"
@@ -217,6 +225,7 @@ address = "127.0.0.1:$PORT_BACKEND"
 region = "local"
 zone = "local-a"
 EOF
+done
 
 start_proxy() {
   case "$1" in
@@ -228,14 +237,14 @@ start_proxy() {
       haproxy -c -q -f "$W/haproxy/haproxy.cfg" >"$W/haproxy/t.log" 2>&1 || fail "haproxy config rejected" "$W/haproxy/t.log"
       start haproxy "$PROXY_CORE" "$W/haproxy/stdout.log" haproxy -db -f "$W/haproxy/haproxy.cfg"
       wait_port haproxy "${PORT[haproxy]}" 10 "$W/haproxy/stdout.log" ;;
-    edge-router)
-      start edge-router "$PROXY_CORE" "$W/edge-router/stdout.log" "$EDGE_ROUTER" run -c "$W/edge-router/edge.toml" --workers 1
-      wait_port edge-router "${PORT[edge-router]}" 20 "$W/edge-router/stdout.log"
+    edge-router|edge-router-b)
+      start "$1" "$PROXY_CORE" "$W/$1/stdout.log" "${BIN[$1]}" run -c "$W/$1/edge.toml" --workers 1
+      wait_port "$1" "${PORT[$1]}" 20 "$W/$1/stdout.log"
       local deadline=$((SECONDS + 10)) ok=""
       # Ready means the endpoint has been probed healthy: connections are then routed.
       until [ -n "$ok" ]; do
-        ok=$( ( exec 3<>"/dev/tcp/127.0.0.1/$PORT_ADMIN" && printf 'GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n' >&3 && IFS= read -r -t 2 l <&3 && case "$l" in *" 200 "*) echo y ;; esac ) 2>/dev/null)
-        [ $SECONDS -ge $deadline ] && fail "edge-router not ready within 10 s" "$W/edge-router/stdout.log"
+        ok=$( ( exec 3<>"/dev/tcp/127.0.0.1/${ADMIN[$1]}" && printf 'GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n' >&3 && IFS= read -r -t 2 l <&3 && case "$l" in *" 200 "*) echo y ;; esac ) 2>/dev/null)
+        [ $SECONDS -ge $deadline ] && fail "$1 not ready within 10 s" "$W/$1/stdout.log"
         [ -n "$ok" ] || sleep 0.05
       done ;;
     baseline) PIDOF[baseline]=${PIDOF[backend]} ;;

@@ -149,23 +149,13 @@ async fn metric(r: &TestRouter, family: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_goes_to_the_nearest_zone_and_fails_over_without_a_failed_connect() {
-    let near = Echo::start().await;
-    let far = Echo::start().await;
-    // The two zones are equally near (loopback): the own zone must rank first. The
-    // cross-region margin says how much faster the other region must be to take the
-    // traffic; wide enough here that a loaded machine's stalled probes cannot make it so.
-    let r = TestRouter::start(&config(
-        &format!("{TCP}[routing]\ncross_region_margin = \"50ms\"\n"),
-        "connect_timeout = \"500ms\"",
-        &[
-            endpoint(near.addr, "r1", "r1a"),
-            endpoint(far.addr, "r2", "r2a"),
-        ],
-    ))
-    .await;
-    r.wait_all_healthy().await;
+/// Loopback zones are equally near, so the own zone must rank first. The cross-region
+/// margin is how much faster another region must be to take the traffic: wide enough here
+/// that a loaded machine's stalled probes cannot make it so.
+const OWN_ZONE_FIRST: &str = "[routing]\ncross_region_margin = \"50ms\"\n";
+
+/// Waits until /routes ranks the own zone (r1a) first in the first cluster.
+async fn wait_own_zone_first(r: &TestRouter) {
     wait_until(
         "the own zone ranks first",
         Duration::from_secs(10),
@@ -178,6 +168,23 @@ async fn tcp_goes_to_the_nearest_zone_and_fails_over_without_a_failed_connect() 
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_goes_to_the_nearest_zone_and_fails_over_without_a_failed_connect() {
+    let near = Echo::start().await;
+    let far = Echo::start().await;
+    let r = TestRouter::start(&config(
+        &format!("{TCP}{OWN_ZONE_FIRST}"),
+        "connect_timeout = \"500ms\"",
+        &[
+            endpoint(near.addr, "r1", "r1a"),
+            endpoint(far.addr, "r2", "r2a"),
+        ],
+    ))
+    .await;
+    r.wait_all_healthy().await;
+    wait_own_zone_first(&r).await;
     let addr = r.router.listener_addr("t").expect("tcp listener");
     for i in 0..20u8 {
         let got = round_trip(addr, &[i; 1000]).await.expect("round trip");
@@ -560,9 +567,9 @@ fn udp_listener(extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_flows_go_to_the_nearest_zone_and_move_when_it_dies() {
     let mut near = UdpEcho::start("near").await;
-    let mut far = UdpEcho::start("far").await;
+    let far = UdpEcho::start("far").await;
     let r = TestRouter::start(&config(
-        &udp_listener(""),
+        &format!("{}{OWN_ZONE_FIRST}", udp_listener("")),
         "",
         &[
             endpoint(near.addr, "r1", "r1a"),
@@ -571,16 +578,20 @@ async fn udp_flows_go_to_the_nearest_zone_and_move_when_it_dies() {
     ))
     .await;
     r.wait_all_healthy().await;
+    wait_own_zone_first(&r).await;
     let addr = r.router.listener_addr("u").expect("udp listener");
-    // Whichever zone ranks first takes every flow (loopback latencies are close, so which
-    // one that is may vary); it is the one killed below.
+    // The own zone takes every flow; it is the one killed below.
     let pinned = udp_client().await;
     let first = ask(&pinned, addr, "q").await.expect("answer");
-    let (serving, other) = if first.starts_with("near:") {
-        ("near", "far")
-    } else {
-        ("far", "near")
-    };
+    assert_eq!(first, "near:q", "the own zone's endpoint answers");
+    let (serving, other) = ("near", "far");
+    // The flow's first reply is its endpoint's latency sample.
+    let routes = r.routes().await;
+    let sampled = routes["clusters"][0]["endpoints"]
+        .as_array()
+        .and_then(|es| es.iter().find(|e| e["zone"] == "r1a"))
+        .map(|e| e["request_latency_ms"].is_number());
+    assert_eq!(sampled, Some(true), "{routes}");
     for i in 0..5 {
         assert_eq!(
             ask(&pinned, addr, &format!("q{i}")).await,
@@ -595,13 +606,8 @@ async fn udp_flows_go_to_the_nearest_zone_and_move_when_it_dies() {
         );
     }
 
-    let dead_zone = if serving == "near" {
-        near.kill();
-        "r1a"
-    } else {
-        far.kill();
-        "r2a"
-    };
+    near.kill();
+    let dead_zone = "r1a";
     wait_until(
         "the serving zone is seen down",
         Duration::from_secs(10),
@@ -629,11 +635,7 @@ async fn udp_flows_go_to_the_nearest_zone_and_move_when_it_dies() {
         ask(&pinned, addr, "again").await,
         Some(format!("{other}:again"))
     );
-    let live_zone = if dead_zone == "r1a" {
-        "zone=\"r2a\""
-    } else {
-        "zone=\"r1a\""
-    };
+    let live_zone = "zone=\"r2a\"";
     assert!(
         metric(
             &r,

@@ -271,6 +271,10 @@ fn listener_errors_name_the_key() {
             "listener \"p\": proxy_protocol.trusted 1:",
         ),
         (
+            l4("name = \"p\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"db\"\nproxy_protocol = { trusted = [] }"),
+            "listener \"p\": proxy_protocol.trusted: empty",
+        ),
+        (
             l4("name = \"w\"\naddress = \"127.0.0.1:1\"\nprotocol = \"https\""),
             "listener \"w\": tls: missing",
         ),

@@ -256,6 +256,14 @@ pub(super) fn validate_listeners(
         }
         let proxy_protocol = match &l.proxy_protocol {
             None => None,
+            // No trusted source would refuse every PROXY header while requiring none: the
+            // same as leaving proxy_protocol out, so surely not what was meant.
+            Some(pp) if pp.trusted.is_empty() => {
+                return Err(v.err(
+                    key("proxy_protocol.trusted"),
+                    "empty: name the balancers that send PROXY headers (CIDR ranges or addresses)",
+                ));
+            }
             Some(pp) => {
                 let mut nets = Vec::with_capacity(pp.trusted.len());
                 for (ti, t) in pp.trusted.iter().enumerate() {

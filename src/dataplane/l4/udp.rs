@@ -3,6 +3,9 @@
 //! towards that endpoint. Replies go back from the listener's socket. A flow ends when it
 //! has been idle (no datagram either way) for `flow_idle_timeout`; a datagram for a flow
 //! whose endpoint is no longer available picks again.
+//!
+//! A flow's latency sample, the counterpart of a tcp connection's, is the time from its
+//! first datagram to the endpoint's first reply; a flow that gets no reply gives none.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -192,6 +195,7 @@ async fn open_flow(
         flows.clone(),
         client,
         m.datagrams.with_label_values(&[name, "to_client"]),
+        (ep.clone(), cluster.decay),
     ));
     let flow = Flow {
         upstream: upstream.clone(),
@@ -218,7 +222,11 @@ async fn relay_replies(
     flows: Flows,
     client: SocketAddr,
     count: prometheus::IntCounter,
+    (endpoint, decay): (Arc<EndpointState>, crate::config::Decay),
 ) {
+    // The flow's first datagram leaves right after this task starts.
+    let sent = Instant::now();
+    let mut first = true;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let n = match upstream.recv(&mut buf).await {
@@ -230,6 +238,10 @@ async fn relay_replies(
                 continue;
             }
         };
+        if first {
+            first = false;
+            endpoint.observe(sent.elapsed(), decay);
+        }
         if let Ok(mut f) = flows.lock() {
             let _ = f.touch(&client, Instant::now());
         }
