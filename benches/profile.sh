@@ -3,8 +3,9 @@
 # core 1, edge-router (one worker) on core 0, exactly as benches/compare.sh sets them up.
 #   benches/profile.sh perf      # perf record -e cpu-clock -g for DURATION, then perf report
 #   benches/profile.sh cpu       # no profiler: CPU us/request from /proc over DURATION
-#   benches/profile.sh instr     # perf stat: edge-router's instructions per request (user and
-#                                # kernel), steadier than CPU time on a shared machine
+#   benches/profile.sh instr     # callgrind: edge-router's user-space instructions per request
+#                                # (repeatable on a shared machine; runs ~50x slower, so keep
+#                                # DURATION short); the profile is left in OUT/callgrind.out.*
 # Env: EDGE_ROUTER (target/release/edge-router), DURATION (10s), CONNS (64), OUT (target/profile), PORT_BASE (18180), WORKERS (1),
 #   WORKLOAD: http1 (default, wrk) or h2 (HTTP/2 over TLS with a self-signed certificate,
 #   h2load -c H2_CONNS (16) -m H2_STREAMS (16), as compare.sh's h2 workload).
@@ -49,9 +50,12 @@ load() {
 }
 taskset -c 1 nginx -c "$W/b/nginx.conf" -p "$W/b" 2>/dev/null & PIDS+=($!)
 case $MODE in perf|cpu|instr) ;; *) echo "usage: benches/profile.sh cpu|perf|instr" >&2; exit 2;; esac
-taskset -c 0 "$EDGE_ROUTER" run -c "$W/edge.toml" --workers "$WORKERS" >"$W/edge.log" 2>&1 &
+RUNNER=()
+[ "$MODE" = instr ] && RUNNER=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out")
+rm -f "$OUT"/callgrind.out*
+taskset -c 0 "${RUNNER[@]}" "$EDGE_ROUTER" run -c "$W/edge.toml" --workers "$WORKERS" >"$W/edge.log" 2>&1 &
 EPID=$!; PIDS+=($EPID)
-for _ in $(seq 1 300); do
+for _ in $(seq 1 900); do
   curl -sf -o /dev/null "http://127.0.0.1:$ADMIN/readyz" && curl -skf -o /dev/null "$URL" && break
   sleep 0.1
 done
@@ -82,14 +86,14 @@ case $MODE in
     echo "CPU us/req: $(awk -v a=$c0 -v b=$c1 -v n=$n -v hz=$(getconf CLK_TCK) 'BEGIN{printf "%.2f", (b-a)/hz*1e6/n}')  RSS kB: $(awk '/VmHWM/{print $2}' /proc/$EPID/status)"
     ;;
   instr)
-    command -v perf >/dev/null || { echo "needs perf (linux-tools)" >&2; exit 2; }
+    command -v callgrind_control >/dev/null || { echo "needs valgrind" >&2; exit 2; }
     load 2s >/dev/null
-    perf stat -x, -e instructions:u,instructions:k -p "$EPID" -o "$OUT/perf-stat.txt" &
-    PP=$!
+    callgrind_control -z "$EPID" >/dev/null
     r=$(load "$DURATION")
-    kill -INT $PP; wait $PP || true
+    callgrind_control -d "$EPID" >/dev/null
     n=$(echo "$r" | served)
     echo "$r" | grep -E "Requests/sec|finished in|^requests:"
-    awk -F, -v n="$n" '$3 ~ /^instructions/ { printf "%s per request: %.0f\n", $3, $1 / n }' "$OUT/perf-stat.txt"
+    ir=$(awk '/^summary:/ {print $2}' "$OUT"/callgrind.out.1)
+    echo "instructions per request (user space, all threads): $(awk -v i="$ir" -v n="$n" 'BEGIN{printf "%.0f", i/n}')"
     ;;
 esac

@@ -385,10 +385,44 @@ pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     }
 }
 
+/// How many leading bytes of `b` need no escape: no control byte (below 0x20), quote or
+/// backslash, and with `ascii` no DEL or non-ASCII byte either. Eight bytes at a time, as
+/// most values (hosts, paths, names, ids) need none.
+fn plain_prefix(b: &[u8], ascii: bool) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A high bit for each zero byte of `v` (exact as to whether there is any).
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut i = 0;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_le_bytes(word);
+        let mut hit = (v.wrapping_sub(ONES * 0x20) & !v & HIGH)
+            | zero(v ^ (ONES * u64::from(b'"')))
+            | zero(v ^ (ONES * u64::from(b'\\')));
+        if ascii {
+            hit |= (v & HIGH) | zero(v ^ (ONES * 0x7f));
+        }
+        if hit != 0 {
+            break;
+        }
+        i += 8;
+    }
+    let special = |c: u8| c < 0x20 || c == b'"' || c == b'\\' || (ascii && c >= 0x7f);
+    i + b[i..]
+        .iter()
+        .position(|&c| special(c))
+        .unwrap_or(b.len() - i)
+}
+
 /// A JSON string with the escapes RFC 8259 requires.
 fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let b = s.as_bytes();
+    let start = plain_prefix(b, false);
+    out.extend_from_slice(&b[..start]);
+    let b = &b[start..];
     let mut start = 0;
     for (i, &c) in b.iter().enumerate() {
         let esc: &[u8] = match c {
@@ -419,7 +453,11 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 /// always one line.
 fn text_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
-    for c in s.chars() {
+    let plain = plain_prefix(s.as_bytes(), true);
+    // At a char boundary: every byte before it is ASCII.
+    let (head, rest) = s.split_at(plain);
+    out.extend_from_slice(head.as_bytes());
+    for c in rest.chars() {
         match c {
             '"' => out.extend_from_slice(b"\\\""),
             '\\' => out.extend_from_slice(b"\\\\"),

@@ -317,3 +317,49 @@ fn lines_read_as_the_tracing_subscriber_wrote_them() {
     let (old, new) = (through_tracing(Format::Json), ours(Format::Json));
     assert_eq!(strip(&old), strip(&new), "\n{old}\n{new}");
 }
+
+/// The eight-byte scan finds a byte that needs an escape wherever it sits (in a word, in the
+/// tail, first, last), and the result is what the byte-at-a-time escape wrote.
+#[test]
+fn escapes_found_at_every_position() {
+    // The byte-at-a-time text escape, as a reference.
+    fn text_reference(s: &str) -> Vec<u8> {
+        let mut out = vec![b'"'];
+        for c in s.chars() {
+            match c {
+                '"' => out.extend_from_slice(b"\\\""),
+                '\\' => out.extend_from_slice(b"\\\\"),
+                c if c.is_control() => {
+                    let _ = write!(out, "{}", c.escape_default());
+                }
+                c => {
+                    let mut b = [0; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+                }
+            }
+        }
+        out.push(b'"');
+        out
+    }
+    let specials = [
+        "\"", "\\", "\n", "\u{1}", "\u{1f}", "\u{7f}", "é", "\u{85}", "\u{2028}",
+    ];
+    for len in 0..20 {
+        for at in 0..=len {
+            for sp in specials {
+                let s: String = (0..len)
+                    .map(|i| if i == at { sp } else { "a" })
+                    .collect::<String>()
+                    + if at == len { sp } else { "" };
+                let mut json = Vec::new();
+                json_string(&mut json, &s);
+                let back: String = serde_json::from_slice(&json)
+                    .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&json)));
+                assert_eq!(back, s);
+                let mut text = Vec::new();
+                text_string(&mut text, &s);
+                assert_eq!(text, text_reference(&s), "{s:?}");
+            }
+        }
+    }
+}
