@@ -85,6 +85,18 @@ async fn route_header_edits_reach_the_upstream_and_the_client(engine: Engine) {
     assert_eq!(up.last().target, "/other");
     assert_eq!(resp.header("server"), Some("upstream/1"));
     assert_eq!(resp.header("x-served-by"), Some("app"));
+
+    // A client's Connection header naming the lines the route writes strips its own
+    // lines (hop-by-hop), never the route's.
+    c.send(
+        "GET /api/x HTTP/1.1\r\nHost: example.com\r\nConnection: x-added, x-set\r\n\
+         X-Added: client\r\nX-Set: client\r\n\r\n",
+    )
+    .await;
+    assert_eq!(c.read(false).await.status, 200);
+    let q = up.last();
+    assert_eq!(hall(&q.headers, "x-added"), ["edge"], "{:?}", q.headers);
+    assert_eq!(hall(&q.headers, "x-set"), ["one"], "{:?}", q.headers);
 }
 both_engines!(route_header_edits_reach_the_upstream_and_the_client);
 

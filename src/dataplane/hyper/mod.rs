@@ -165,7 +165,14 @@ pub async fn handle(
     if cluster.config.send_proxy_protocol.is_some() {
         x.announce = Some((client, local));
     }
-    rewrite::apply(&route.request_headers, req.headers_mut());
+    if !route.request_headers.is_empty() {
+        // The client's hop-by-hop headers go first, as on the native engine: a client's
+        // `Connection` naming a header the route writes must not strip the route's line.
+        if !is_upgrade(&req) {
+            remove_hop_by_hop(req.headers_mut());
+        }
+        rewrite::apply(&route.request_headers, req.headers_mut());
+    }
     if let Some(r) = &route.rewrite_prefix {
         rewrite_target(req.uri_mut(), &route.path_prefix, r);
     }
