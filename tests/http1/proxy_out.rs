@@ -12,7 +12,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use crate::common::TestRouter;
 use crate::support::*;
 
 /// The PROXY header a connection started with: (version, source, destination).
@@ -130,12 +129,14 @@ impl ProxyUpstream {
 
 async fn proxy_headers_name_each_client(engine: Engine, version: u8) {
     let up = ProxyUpstream::start().await;
-    let toml = config(
-        &[raw_endpoint(up.addr)],
-        &format!("send_proxy_protocol = \"v{version}\""),
-        &engine.listener_line(),
+    let cluster = format!("send_proxy_protocol = \"v{version}\"\n");
+    let toml = engine.config(&[raw_endpoint(up.addr)], "").replacen(
+        "name = \"api\"\n",
+        &format!("name = \"api\"\n{cluster}"),
+        1,
     );
-    let r = TestRouter::start(&toml).await;
+    assert!(toml.contains(&cluster), "the test config changed shape");
+    let r = engine.start(&toml).await;
     // Probed healthy through an upstream that refuses connections without a header.
     r.wait_all_healthy().await;
     assert_eq!(
@@ -144,8 +145,8 @@ async fn proxy_headers_name_each_client(engine: Engine, version: u8) {
         "a probe went without a header"
     );
 
-    let mut a = Conn::open(r.addr).await;
-    let mut b = Conn::open(r.addr).await;
+    let mut a = Conn::open(r.dial()).await;
+    let mut b = Conn::open(r.dial()).await;
     let a_addr = a.local.expect("addr");
     let b_addr = b.local.expect("addr");
     let mut conns: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
@@ -171,7 +172,7 @@ async fn proxy_headers_name_each_client(engine: Engine, version: u8) {
         ca.iter().all(|c| !cb.contains(c)),
         "two clients shared an upstream connection: {ca:?} {cb:?}"
     );
-    if engine == Engine::Native {
+    if engine != Engine::Hyper {
         // The native engine keeps its own upstream connection per client connection.
         assert!(ca.iter().all(|c| *c == ca[0]), "{ca:?}");
         assert!(cb.iter().all(|c| *c == cb[0]), "{cb:?}");
