@@ -67,8 +67,10 @@ pub fn locality_class(k: &ZoneKey, locality: &Locality) -> u8 {
 /// hysteresis, and the cross-region margin when it would take traffic out of our region.
 /// An incumbent with too few samples to know its noise does not hide behind that: a zone
 /// clearly faster than its first probes passes it (while a challenger that new must lead
-/// by more than its own estimate, its uncertainty being as large as that; two zones both
-/// that new are ordered on their probes and the hysteresis alone).
+/// by more than its own estimate, its uncertainty being as large as that). Two zones both
+/// that new keep their locality order: one slow first probe (a cold connection, a busy
+/// host) is indistinguishable from distance, and must not send a router's traffic out of
+/// its own zone at start-up. They take their places once their estimates are settled.
 pub fn required_lead_ms(
     challenger: (&ZoneKey, &Estimate),
     incumbent: (&ZoneKey, &Estimate),
@@ -83,14 +85,11 @@ pub fn required_lead_ms(
         0.0
     };
     let (c_new, i_new) = (ce.samples < MIN_SAMPLES, ie.samples < MIN_SAMPLES);
+    if c_new && i_new {
+        return f64::INFINITY;
+    }
     let iu = if i_new { 0.0 } else { ie.uncertainty_ms };
-    // Two zones both that new (start-up) are ordered on what their probes say.
-    let cu = if c_new && i_new {
-        0.0
-    } else {
-        ce.uncertainty_ms
-    };
-    cu + iu + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
+    ce.uncertainty_ms + iu + (routing.hysteresis * ie.ms).max(MIN_LEAD_MS) + cross
 }
 
 fn clearly_faster(
@@ -112,9 +111,10 @@ fn clearly_faster(
 #[derive(Default)]
 pub struct Ranker {
     held: HashMap<String, Vec<ZoneKey>>,
-    /// The zones that had an estimate when the held order was taken: a zone measured for
-    /// the first time takes its place at once (the held order knew nothing of it).
-    measured: HashMap<String, Vec<ZoneKey>>,
+    /// The zones that had an estimate when the held order was taken, and whether it was
+    /// settled (enough samples): a zone measured for the first time, or settled for the
+    /// first time, takes its place at once (the held order knew nothing of it).
+    measured: HashMap<String, Vec<(ZoneKey, bool)>>,
     pending: HashMap<String, (Vec<ZoneKey>, Instant)>,
 }
 
@@ -158,18 +158,21 @@ impl Ranker {
         }
 
         let same_zones = prev.len() == keys.len() && keys.iter().all(|k| prev.contains(k));
+        let knowledge = |k: &ZoneKey| {
+            est.get(k)
+                .copied()
+                .flatten()
+                .map(|e| (k.clone(), e.samples >= MIN_SAMPLES))
+        };
         let known = self.measured.get(cluster);
-        let newly_measured = keys.iter().any(|k| {
-            est.get(k).is_some_and(|e| e.is_some()) && !known.is_some_and(|m| m.contains(k))
-        });
+        let newly_measured = keys
+            .iter()
+            .filter_map(knowledge)
+            .any(|m| !known.is_some_and(|known| known.contains(&m)));
         let at_once =
             !same_zones || newly_measured || prev == desired || self.urgent(&prev, &desired, est);
         if at_once {
-            let m = keys
-                .iter()
-                .filter(|k| est.get(*k).is_some_and(|e| e.is_some()))
-                .cloned()
-                .collect();
+            let m = keys.iter().filter_map(knowledge).collect();
             self.measured.insert(cluster.to_string(), m);
         }
         let held = if at_once {

@@ -312,6 +312,40 @@ fn a_zone_known_from_one_probe_yields_to_a_measured_faster_one() {
 }
 
 #[test]
+fn one_slow_first_probe_of_the_own_zone_keeps_its_place_until_the_estimates_settle() {
+    let cfg = config("");
+    let t0 = Instant::now();
+    let f = Fixture::new(&[("r1", "a", 1, 0.2), ("r2", "c", 1, 0.2)]);
+    let probe = |zone: &str, ms: f64| {
+        for e in f.endpoints.iter().filter(|e| &*e.zone == zone) {
+            e.observe_probe(Duration::from_secs_f64(ms / 1000.0), cfg_decay());
+        }
+    };
+    for e in &f.endpoints {
+        e.probes.clear();
+    }
+    // Own zone's first probe hit a cold connection: 5 ms against 0.2 ms.
+    probe("a", 5.0);
+    probe("c", 0.2);
+    let mut b = TableBuilder::new();
+    assert_eq!(order(&f.build(&mut b, &cfg, t0)), ["a", "c"]);
+    probe("a", 5.0);
+    probe("c", 0.2);
+    assert_eq!(
+        order(&f.build(&mut b, &cfg, t0 + Duration::from_millis(10))),
+        ["a", "c"],
+        "two probes each are not enough to leave the own zone"
+    );
+    // The third probe settles both: a really is 25 times slower, and c leads at once.
+    probe("a", 5.0);
+    probe("c", 0.2);
+    assert_eq!(
+        order(&f.build(&mut b, &cfg, t0 + Duration::from_millis(20))),
+        ["c", "a"]
+    );
+}
+
+#[test]
 fn a_zone_without_a_healthy_endpoint_never_ranks_ahead_of_a_healthy_one() {
     let f = Fixture::new(&[("r1", "a", 2, 1.0), ("r2", "c", 1, 50.0)]);
     let cfg = config("");
