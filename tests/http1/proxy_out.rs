@@ -130,12 +130,7 @@ impl ProxyUpstream {
 async fn proxy_headers_name_each_client(engine: Engine, version: u8) {
     let up = ProxyUpstream::start().await;
     let cluster = format!("send_proxy_protocol = \"v{version}\"\n");
-    let toml = engine.config(&[raw_endpoint(up.addr)], "").replacen(
-        "name = \"api\"\n",
-        &format!("name = \"api\"\n{cluster}"),
-        1,
-    );
-    assert!(toml.contains(&cluster), "the test config changed shape");
+    let toml = engine.config_with(&[raw_endpoint(up.addr)], &cluster, "");
     let r = engine.start(&toml).await;
     // Probed healthy through an upstream that refuses connections without a header.
     r.wait_all_healthy().await;

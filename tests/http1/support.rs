@@ -761,6 +761,16 @@ impl Engine {
 
     /// [`config`] with this engine on the listener.
     pub fn config(self, endpoints: &[String], listener_extra: &str) -> String {
+        self.config_with(endpoints, "", listener_extra)
+    }
+
+    /// [`Engine::config`] with `cluster_extra` under the cluster.
+    pub fn config_with(
+        self,
+        endpoints: &[String],
+        cluster_extra: &str,
+        listener_extra: &str,
+    ) -> String {
         let tls = if self == Engine::NativeTls {
             TLS_LISTENER
         } else {
@@ -768,7 +778,7 @@ impl Engine {
         };
         config(
             endpoints,
-            "",
+            cluster_extra,
             &format!("{}\n{tls}\n{listener_extra}", self.listener_line()),
         )
     }
