@@ -367,6 +367,7 @@ async fn new_connection_per_request_against_python_servers_shares_evenly() {
     let r = TestRouter::start(&toml).await;
     r.wait_all_healthy().await;
     let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut took: HashMap<String, Vec<Duration>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     for _ in 0..150 {
         tick.tick().await;
@@ -376,16 +377,34 @@ async fn new_connection_per_request_against_python_servers_shares_evenly() {
             .header("connection", "close")
             .body(Full::new(Bytes::new()))
             .expect("req");
+        let t0 = Instant::now();
         let reply = send(&c, req).await;
+        let t = t0.elapsed();
         assert_eq!(reply.status, 200);
         let ep = route_field(reply.header("x-edge-route").unwrap_or(""), "endpoint");
+        took.entry(ep.clone()).or_default().push(t);
         *counts.entry(ep).or_insert(0) += 1;
     }
     let a = counts.get(&addrs[0]).copied().unwrap_or(0);
     let b = counts.get(&addrs[1]).copied().unwrap_or(0);
-    eprintln!("new connection per request, 10 req/s: {a}/{b}");
+    let median = |addr: &str| {
+        let mut v = took.get(addr).cloned().unwrap_or_default();
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let (ma, mb) = (median(&addrs[0]), median(&addrs[1]));
+    eprintln!("new connection per request, 10 req/s: {a}/{b}; median answers {ma:?} / {mb:?}");
     let share = a as f64 / (a + b).max(1) as f64;
-    assert!((0.4..=0.6).contains(&share), "{a}/{b} {counts:?}");
+    // Alike servers share evenly. On a busy host one python process can really answer
+    // slower for the whole run (it shares a core with something else); then the faster one
+    // may take more, and only that way round, and never the whole.
+    if !(0.4..=0.6).contains(&share) {
+        let (favoured, other) = if a > b { (ma, mb) } else { (mb, ma) };
+        assert!(
+            (0.25..=0.75).contains(&share) && favoured < other,
+            "{a}/{b} {counts:?}, median answers {ma:?} / {mb:?}"
+        );
+    }
     drop(servers);
 }
 
