@@ -577,3 +577,25 @@ async fn request_targets_are_forwarded_unchanged_and_absolute_form_becomes_origi
     }
 }
 both_engines!(request_targets_are_forwarded_unchanged_and_absolute_form_becomes_origin_form);
+
+// The router's own replies to HEAD.
+
+async fn the_routers_own_reply_to_head_has_no_body_and_the_next_request_is_read_right(
+    engine: Engine,
+) {
+    let (_up, r) = setup(engine, |q| Action::Reply(echo_reply(q)), "").await;
+    let mut c = Conn::open(r.dial()).await;
+    // Two Host lines: 400 bad_host from the router itself, then a good request behind it.
+    c.send(format!(
+        "HEAD /h HTTP/1.1\r\nhost: a.test\r\nhost: b.test\r\n\r\n{}",
+        get("/after")
+    ))
+    .await;
+    let resp = c.read(true).await;
+    assert_eq!(resp.status, 400);
+    assert_eq!(resp.header("x-edge-error"), Some("bad_host"));
+    let next = c.read(false).await;
+    assert_eq!(next.status, 200, "the reply's body was read as a response");
+    assert_eq!(next.text(), "/after");
+}
+both_engines!(the_routers_own_reply_to_head_has_no_body_and_the_next_request_is_read_right);

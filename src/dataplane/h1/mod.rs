@@ -196,7 +196,7 @@ pub async fn serve<C: Client>(
                 Step::Reply(r) => {
                     buf.advance(r.head_len);
                     let close = r.close || *signal.borrow() != Signal::Run;
-                    let out = error_bytes(r.reply, &r.request_id, close);
+                    let out = error_bytes(r.reply, &r.request_id, close, r.head_method);
                     let stream = &mut stream;
                     Box::pin(async move {
                         write_all(stream, &out, limits.idle_timeout).await.is_ok() && !close
@@ -325,7 +325,7 @@ async fn forward<C: Client>(
                 // After an error the client's connection stays open only if its request
                 // was read whole.
                 let keep = request_body.is_done() && !client_close && !draining();
-                let out = error_bytes(r, &request_id, !keep);
+                let out = error_bytes(r, &request_id, !keep, head_method);
                 return write_all(client, &out, limits.idle_timeout).await.is_ok() && keep;
             }
             Next::Abort => return false,

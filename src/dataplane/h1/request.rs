@@ -38,13 +38,21 @@ pub(super) struct Reply {
     pub(super) head_len: usize,
     /// The request has a body this path did not read: close after answering.
     pub(super) close: bool,
+    /// A HEAD request: the reply has no body (RFC 9110 9.3.2).
+    pub(super) head_method: bool,
     pub(super) reply: ErrorReply,
     pub(super) request_id: RequestId,
 }
 
 /// The bytes of a reply the router makes itself (the body and access-log line come from
-/// [`ErrorReply`], as on the hyper engine).
-pub(super) fn error_bytes(r: ErrorReply, request_id: &RequestId, close: bool) -> Vec<u8> {
+/// [`ErrorReply`], as on the hyper engine). To a HEAD request, the head alone: a body
+/// would be read as the next response on a kept-alive connection.
+pub(super) fn error_bytes(
+    r: ErrorReply,
+    request_id: &RequestId,
+    close: bool,
+    head_method: bool,
+) -> Vec<u8> {
     let status = r.status();
     let kind = r.kind.as_str();
     let body = r.body();
@@ -61,7 +69,9 @@ pub(super) fn error_bytes(r: ErrorReply, request_id: &RequestId, close: bool) ->
     }
     wire::put_date(&mut out);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
+    if !head_method {
+        out.extend_from_slice(body.as_bytes());
+    }
     out
 }
 
@@ -262,6 +272,13 @@ pub(super) fn prepare<'t>(
     };
     let path = target.split('?').next().unwrap_or(target);
     let request_id = RequestId::new(rid);
+    let head_method = method == "HEAD";
+    let log = |host: Option<&str>| {
+        table.config.listener.access_log.then(|| {
+            let m = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
+            AccessLog::new(m, host, path, started, &request_id.header(), peer)
+        })
+    };
     // A body this path will not read: answer, then close.
     let close = body != Framing::None || conn.close;
     // One Host, valid (RFC 9112 3.2): anything else is refused before routing.
@@ -274,38 +291,34 @@ pub(super) fn prepare<'t>(
             .errors
             .with_label_values(&["", "bad_host"])
             .inc();
+        let reply = ErrorReply::new(ErrorKind::BadHost, log(None));
         return Step::Reply(Reply {
             head_len,
             close,
-            reply: ErrorReply::new(ErrorKind::BadHost, None),
+            head_method,
+            reply,
             request_id,
         });
     };
 
-    let log = table.config.listener.access_log.then(|| {
-        let m = Method::from_bytes(method.as_bytes()).unwrap_or(Method::GET);
-        AccessLog::new(
-            m,
-            Some(&route_host),
-            path,
-            started,
-            &request_id.header(),
-            peer,
-        )
-    });
+    let log = log(Some(&route_host));
     let Some(route) = table.match_route(listener, Some(&route_host), path) else {
         state.metrics.no_route.inc();
         return Step::Reply(Reply {
             head_len,
             close,
+            head_method,
             reply: ErrorReply::new(ErrorKind::NoRoute, log),
             request_id,
         });
     };
+    // A redirect is answered by the hyper engine, which renders it.
+    if route.redirect.is_some() {
+        return Step::Hyper;
+    }
     let cluster = &table.clusters[route.cluster];
     let cfg = &cluster.config;
-    // A redirect is answered by the hyper engine, which renders it.
-    if cfg.http2 || cfg.tls.is_some() || route.hedge || route.redirect.is_some() {
+    if cfg.http2 || cfg.tls.is_some() || route.hedge {
         return Step::Hyper;
     }
     let affinity_key = match &cfg.affinity {
@@ -331,6 +344,7 @@ pub(super) fn prepare<'t>(
             return Step::Reply(Reply {
                 head_len,
                 close,
+                head_method,
                 reply,
                 request_id,
             })
@@ -406,7 +420,7 @@ pub(super) fn prepare<'t>(
         upstream_head: up,
         body,
         body_bytes,
-        head_method: method == "HEAD",
+        head_method,
         client_close: conn.close,
         exchange,
         request_id,

@@ -60,6 +60,7 @@ pub(super) async fn respond<C: Client>(
             ended || body.is_done()
         }
         Err(()) => {
+            done.upstream_broke();
             ok = false;
             false
         }
