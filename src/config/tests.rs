@@ -156,6 +156,29 @@ zone = "us-east-1a"
 "#;
 
 #[test]
+fn trusted_networks_match_peers_in_canonical_form() {
+    let text = format!(
+        "[[listener]]\nname = \"t\"\naddress = \"127.0.0.1:5433\"\nprotocol = \"tcp\"\ncluster = \"db\"\nproxy_protocol = {{ trusted = [\"::ffff:192.0.2.0/120\", \" ::ffff:10.0.0.5 \", \"172.16.5.9/12\", \"2001:db8::/32\"] }}\n{BASE}"
+    );
+    let c = parse("edge.toml", &text, &no_env).expect("valid");
+    let nets = c.listeners[0].proxy_protocol.clone().expect("trusted");
+    // The listener compares `peer.ip().to_canonical()`: mapped entries must be IPv4.
+    let trusted = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().expect("ip");
+        nets.iter().any(|n| n.contains(&ip.to_canonical()))
+    };
+    assert!(trusted("192.0.2.55"));
+    assert!(trusted("::ffff:192.0.2.55"));
+    assert!(!trusted("192.0.3.1"));
+    assert!(trusted("10.0.0.5"));
+    assert!(!trusted("10.0.0.6"));
+    // Host bits are ignored: 172.16.5.9/12 is 172.16.0.0/12.
+    assert!(trusted("172.31.255.255"));
+    assert!(trusted("2001:db8:ffff::1"));
+    assert!(!trusted("2001:db9::1"));
+}
+
+#[test]
 fn several_listeners_of_every_protocol() {
     let text = format!(
         r#"
@@ -444,6 +467,20 @@ fn likely_mistakes_are_warnings_naming_the_key() {
         "{:?}",
         c.warnings
     );
+    let slash = format!(
+        "{GOOD}\n[[route]]\npath_prefix = \"/api/\"\nrewrite_prefix = \"/v2\"\ncluster = \"api\"\n"
+    );
+    let c = parse("edge.toml", &slash, &no_env).expect("valid");
+    assert!(
+        c.warnings.iter().any(|w| w.to_string()
+            == "edge.toml: route 2: rewrite_prefix: \"/v2\" and path_prefix \"/api/\" differ in \
+                their trailing /: the rest of the path is joined as written (line 27)"),
+        "{:?}",
+        c.warnings
+    );
+    let same = slash.replace("\"/v2\"", "\"/v2/\"");
+    let c = parse("edge.toml", &same, &no_env).expect("valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
 /// A type error serde finds and a value validation refuses name their place the same way:
@@ -515,6 +552,7 @@ fn route_actions_are_parsed_and_bad_ones_name_their_key() {
         ("response_headers = { set = { \"transfer-encoding\" = \"chunked\" } }", "may not be changed by a route: it frames the body"),
         ("request_headers = { set = { \"x-forwarded-for\" = \"1.2.3.4\" } }", "is written by the router itself"),
         ("request_headers = { remove = [\"x-a\"], add = { \"x-a\" = \"1\" } }", "route 1: request_headers.add.\"x-a\": is also removed or set"),
+        ("response_headers = { set = { \"X-Env\" = \"a\", \"x-env\" = \"b\" } }", "route 1: response_headers.set.\"x-env\": is set twice (header names ignore case)"),
         ("request_headers = { append = { \"x-a\" = \"1\" } }", "unknown field `append`"),
         ("rewrite_prefix = \"v2\"", "route 1: rewrite_prefix: \"v2\" must be empty or a path starting with /"),
         ("rewrite_prefix = \"/a b\"", "route 1: rewrite_prefix:"),

@@ -1,7 +1,7 @@
 //! The access log: one line per request, formatted and written off the tracing path.
 //!
-//! A request formats its line (JSON or key=value text, the fields and order the tracing
-//! subscriber used to write) straight into its thread's buffer. A full buffer goes to one
+//! A request formats its line (JSON or key=value text, the fields and order of a `tracing`
+//! event's JSON and text formats) straight into its thread's buffer. A full buffer goes to one
 //! writer thread through a bounded channel; the writer also sweeps every thread's buffer at
 //! least once a second, so a quiet thread's lines still show up, and on [`flush`]. When the
 //! writer falls behind and the channel is full, the batch is dropped and its lines counted
@@ -411,7 +411,8 @@ impl Output {
 }
 
 /// The writer thread: batches as they come, a sweep of every buffer each `sweep_every`,
-/// control requests. Ends when the log is dropped (after a last sweep).
+/// control requests. Ends when the log is dropped; lines still buffered then are the
+/// caller's to [`flush`] first (the drain does).
 fn writer(
     log: Weak<AccessWriter>,
     mut out: Output,
@@ -498,7 +499,7 @@ fn writer(
 }
 
 // The process's access log: started by the binary once logging is set up (see
-// [`configure`]); without it access lines go nowhere, as they did without a subscriber.
+// [`configure`]); without it access lines go nowhere.
 
 static SETTINGS: OnceLock<Format> = OnceLock::new();
 static GLOBAL: OnceLock<Arc<AccessWriter>> = OnceLock::new();

@@ -94,7 +94,7 @@ pub(super) fn validate_listeners(
                 return Err(v.err(format!("listener {}: name", i + 1), "missing"));
             }
         };
-        // The short form keeps its historical key paths ("listener.address").
+        // The short form names its keys "listener.address", as SPEC's examples do.
         let (p, dot) = if short {
             ("listener".to_string(), ".")
         } else {
@@ -267,15 +267,14 @@ pub(super) fn validate_listeners(
             Some(pp) => {
                 let mut nets = Vec::with_capacity(pp.trusted.len());
                 for (ti, t) in pp.trusted.iter().enumerate() {
-                    let net = t
-                        .parse::<ipnet::IpNet>()
-                        .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                        .map_err(|_| {
-                            v.err(
-                                key(&format!("proxy_protocol.trusted {}", ti + 1)),
-                                format!("{t:?} is not a CIDR range (like \"10.0.0.0/8\") or an IP address"),
-                            )
-                        })?;
+                    let net = trusted_net(t.trim()).ok_or_else(|| {
+                        v.err(
+                            key(&format!("proxy_protocol.trusted {}", ti + 1)),
+                            format!(
+                                "{t:?} is not a CIDR range (like \"10.0.0.0/8\") or an IP address"
+                            ),
+                        )
+                    })?;
                     nets.push(net);
                 }
                 Some(nets)
@@ -454,4 +453,24 @@ pub(super) fn access_log_path_of(v: &V<'_>, p: &str) -> Result<PathBuf, ConfigEr
         ));
     }
     Ok(path)
+}
+
+/// A trusted network: a CIDR (host bits ignored) or one address. An IPv4-mapped IPv6 entry
+/// (`::ffff:10.0.0.5`, as dual-stack logs write balancers) is stored as the IPv4 network it
+/// denotes, since the listener compares peers in their canonical form.
+fn trusted_net(text: &str) -> Option<ipnet::IpNet> {
+    use ipnet::{IpNet, Ipv4Net};
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => IpNet::from(text.parse::<std::net::IpAddr>().ok()?),
+    }
+    .trunc();
+    if let IpNet::V6(v6) = net {
+        if let Some(v4) = v6.addr().to_ipv4_mapped() {
+            if v6.prefix_len() >= 96 {
+                return Ipv4Net::new(v4, v6.prefix_len() - 96).ok().map(IpNet::V4);
+            }
+        }
+    }
+    Some(net)
 }

@@ -165,6 +165,16 @@ fn header_actions(
             into.push((n, value));
         }
     }
+    // Names are case-insensitive: `"X-Env"` and `"x-env"` are two keys of the table but one
+    // header, which `set` cannot give two values.
+    for (i, (n, _)) in out.set.iter().enumerate() {
+        if out.set[..i].iter().any(|(s, _)| s == n) {
+            return Err(v.err(
+                format!("{p}.set.{:?}", n.as_str()),
+                "is set twice (header names ignore case); give it one value",
+            ));
+        }
+    }
     for (n, _) in &out.add {
         if out.remove.contains(n) || out.set.iter().any(|(s, _)| s == n) {
             return Err(v.err(

@@ -27,6 +27,21 @@ pub(super) fn warnings(
         let same = |q: &RouteConfig| {
             q.listeners == r.listeners && q.host == r.host && q.path_prefix == r.path_prefix
         };
+        // The prefix is replaced as written (as nginx and Envoy do): with one slash too
+        // few or too many, `/api/users` becomes `/v2users` or `/v2//users`.
+        if let Some(rp) = &r.rewrite_prefix {
+            if !rp.is_empty() && rp.ends_with('/') != r.path_prefix.ends_with('/') {
+                out.push(warning(
+                    file,
+                    format!("route {}: rewrite_prefix", j + 1),
+                    format!(
+                        "{rp:?} and path_prefix {:?} differ in their trailing /: the rest of \
+                         the path is joined as written",
+                        r.path_prefix
+                    ),
+                ));
+            }
+        }
         if let Some(i) = routes[..j].iter().position(same) {
             out.push(warning(
                 file,

@@ -3,7 +3,7 @@
 //!
 //! Each module is a leaf with no knowledge of config, routing or metrics, so a listener can
 //! compose them and each can be tested on its own: the listener decides *whether* to expect a
-//! PROXY header ([`proxy_protocol::Trusted`]), reads it ([`proxy_protocol::read_header`]),
+//! PROXY header (the listener's trusted networks), reads it ([`proxy_protocol::read_header`]),
 //! peeks at the ClientHello for routing ([`sni::read_client_hello`], [`sni::SniTable`]),
 //! dials an endpoint, and then hands both sockets to [`copy::splice`], replaying whatever it
 //! read (and any PROXY header for the upstream) as the first bytes. UDP has no connection,
@@ -20,8 +20,6 @@ pub mod udp_flows;
 pub use client::client_address;
 
 pub use copy::{splice, ByteCounters};
-pub use proxy_protocol::{
-    encode_v1, encode_v2, read_header, ProxiedAddrs, ProxyHeaderError, Trusted, TrustedError,
-};
-pub use sni::{read_client_hello, validate_pattern, ClientHello, SniError, SniTable};
+pub use proxy_protocol::{encode_v1, encode_v2, read_header, ProxiedAddrs, ProxyHeaderError};
+pub use sni::{read_client_hello, ClientHello, SniError, SniTable};
 pub use udp_flows::{FlowTable, FlowTableFull};

@@ -16,15 +16,14 @@
 //! peer address, as the protocol says a receiver should.
 //!
 //! Whether a header is required, allowed or refused depends on the peer's address; that is
-//! the listener's call, with [`Trusted`] for the lookup and [`detect`] to tell, from peeked
+//! the listener's call (the trusted networks come from config), with [`detect`] to tell, from peeked
 //! bytes, whether an untrusted peer is trying to send one.
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The longest v1 header, line end included, that the protocol allows.
@@ -94,83 +93,6 @@ impl From<io::Error> for ProxyHeaderError {
             Self::Io(e)
         }
     }
-}
-
-/// A bad entry in a list of trusted networks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustedError {
-    /// The entry as written.
-    pub entry: String,
-}
-
-impl fmt::Display for TrustedError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "trusted entry {:?}: not an address or CIDR (e.g. \"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\")",
-            self.entry
-        )
-    }
-}
-
-impl std::error::Error for TrustedError {}
-
-/// The networks whose connections may (and must) carry a PROXY header.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Trusted {
-    nets: Vec<IpNet>,
-}
-
-impl Trusted {
-    /// Parses CIDRs (`10.0.0.0/8`) or single addresses (`192.0.2.7`, a one-host network).
-    /// An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is stored as the IPv4 network it
-    /// denotes, so that it matches whichever way a dual-stack socket reports the peer.
-    pub fn parse<I, S>(entries: I) -> Result<Self, TrustedError>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let mut nets = Vec::new();
-        for entry in entries {
-            let text = entry.as_ref().trim();
-            let net = parse_net(text).ok_or_else(|| TrustedError {
-                entry: entry.as_ref().to_string(),
-            })?;
-            nets.push(net);
-        }
-        Ok(Self { nets })
-    }
-
-    /// Whether `ip` lies in one of the networks. IPv4-mapped IPv6 addresses count as the
-    /// IPv4 address they carry, since that is how a dual-stack listener sees IPv4 peers.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.nets.iter().any(|net| net.contains(&ip))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nets.is_empty()
-    }
-
-    pub fn nets(&self) -> &[IpNet] {
-        &self.nets
-    }
-}
-
-fn parse_net(text: &str) -> Option<IpNet> {
-    let net = match text.parse::<IpNet>() {
-        Ok(net) => net,
-        Err(_) => IpNet::from(text.parse::<IpAddr>().ok()?),
-    };
-    let net = net.trunc();
-    if let IpNet::V6(v6) = net {
-        if let Some(v4) = v6.addr().to_ipv4_mapped() {
-            if v6.prefix_len() >= 96 {
-                return Ipv4Net::new(v4, v6.prefix_len() - 96).ok().map(IpNet::V4);
-            }
-        }
-    }
-    Some(net)
 }
 
 /// What the first bytes of a connection say about a PROXY header.

@@ -156,8 +156,7 @@ pub struct SniTable<T> {
 impl<T> SniTable<T> {
     /// Builds the table from `(host, target)` entries, each host exact (`a.example.com`) or
     /// a wildcard (`*.example.com`). When the same host appears twice the first entry
-    /// wins; config validation is the place to refuse duplicates
-    /// ([`validate_pattern`] checks one host).
+    /// wins; config validation is the place to refuse duplicates and bad names.
     pub fn new(entries: Vec<(String, T)>, default: Option<T>) -> Self {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
@@ -195,11 +194,6 @@ impl<T> SniTable<T> {
         }
         self.wildcard.get(parent)
     }
-
-    /// The target for connections without a match, if any.
-    pub fn default_target(&self) -> Option<&T> {
-        self.default.as_ref()
-    }
 }
 
 /// Lowercase, without one trailing dot: the form names are compared in.
@@ -210,39 +204,6 @@ fn normalize(name: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(name)
     }
-}
-
-/// Checks one `host` of an SNI table: a DNS name, or `*.` followed by one, with letters,
-/// digits, `-` and `_` in labels of at most 63 bytes. The error says what is wrong.
-pub fn validate_pattern(host: &str) -> Result<(), String> {
-    let name = host.strip_suffix('.').unwrap_or(host);
-    let name = name.strip_prefix("*.").unwrap_or(name);
-    if name.is_empty() {
-        return Err(format!("sni host {host:?}: empty name"));
-    }
-    if name.len() > 253 {
-        return Err(format!("sni host {host:?}: longer than 253 bytes"));
-    }
-    for label in name.split('.') {
-        if label.is_empty() {
-            return Err(format!("sni host {host:?}: empty label"));
-        }
-        if label.len() > 63 {
-            return Err(format!("sni host {host:?}: label longer than 63 bytes"));
-        }
-        if let Some(c) = label
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-        {
-            let hint = if c == '*' {
-                " (a wildcard is only allowed as the whole first label, \"*.example.com\")"
-            } else {
-                ""
-            };
-            return Err(format!("sni host {host:?}: invalid character {c:?}{hint}"));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -15,9 +15,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// The contract's default cap on live flows per listener.
-pub const DEFAULT_MAX_FLOWS: usize = 10_000;
-
 #[derive(Debug)]
 struct Flow<V> {
     value: V,
@@ -136,16 +133,6 @@ impl<V> FlowTable<V> {
     /// left the routing table.
     pub fn retain(&mut self, mut keep: impl FnMut(&SocketAddr, &mut V) -> bool) {
         self.flows.retain(|k, f| keep(k, &mut f.value));
-    }
-
-    /// The earliest instant at which some flow could expire, for arming the caller's timer
-    /// (`None` when empty, or when `idle` is too long to represent).
-    pub fn next_expiry(&self, idle: Duration) -> Option<Instant> {
-        self.flows
-            .values()
-            .map(|f| f.last_active)
-            .min()
-            .and_then(|t| t.checked_add(idle))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&SocketAddr, &V)> {

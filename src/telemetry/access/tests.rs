@@ -255,7 +255,7 @@ fn reopen_on_a_bad_path_keeps_the_old_file() {
     );
 }
 
-/// The same fields through the tracing subscriber the access log used to be written by.
+/// The same fields through a `tracing` JSON subscriber: the reference the lines must match.
 fn through_tracing(format: Format) -> String {
     let c = Capture::default();
     let c2 = c.clone();

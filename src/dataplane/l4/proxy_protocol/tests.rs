@@ -1,6 +1,6 @@
 use super::*;
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use rand::{Rng, SeedableRng};
 use tokio::io::AsyncWriteExt;
@@ -39,59 +39,6 @@ async fn read_from(
     let mut reader: &[u8] = &input;
     let result = read_header(&mut reader, SECOND).await;
     (result, reader.to_vec())
-}
-
-#[test]
-fn trusted_parses_cidrs_and_single_addresses() {
-    let t = Trusted::parse([
-        "10.0.0.0/8",
-        " 192.0.2.7 ",
-        "2001:db8::/32",
-        "172.16.5.9/12",
-    ])
-    .unwrap();
-    assert!(t.contains("10.1.2.3".parse().unwrap()));
-    assert!(t.contains("192.0.2.7".parse().unwrap()));
-    assert!(!t.contains("192.0.2.8".parse().unwrap()));
-    assert!(t.contains("2001:db8:ffff::1".parse().unwrap()));
-    assert!(!t.contains("2001:db9::1".parse().unwrap()));
-    // Host bits in an entry are ignored: 172.16.5.9/12 is 172.16.0.0/12.
-    assert!(t.contains("172.31.255.255".parse().unwrap()));
-    assert!(!Trusted::parse(Vec::<String>::new())
-        .unwrap()
-        .contains("10.0.0.1".parse().unwrap()));
-}
-
-#[test]
-fn trusted_error_names_the_bad_entry() {
-    for bad in [
-        "10.0.0.0/33",
-        "10.0.0",
-        "example.com",
-        "",
-        "10.0.0.0/8/8",
-        "::g/64",
-    ] {
-        let err = Trusted::parse(["10.0.0.0/8", bad]).unwrap_err();
-        assert_eq!(err.entry, bad);
-        let text = err.to_string();
-        assert!(text.contains(&format!("{bad:?}")), "{text}");
-    }
-}
-
-#[test]
-fn trusted_treats_ipv4_mapped_ipv6_as_ipv4() {
-    let t = Trusted::parse(["10.0.0.0/8"]).unwrap();
-    let mapped = IpAddr::V6(Ipv4Addr::new(10, 9, 8, 7).to_ipv6_mapped());
-    assert!(t.contains(mapped));
-    let outside = IpAddr::V6(Ipv4Addr::new(11, 0, 0, 1).to_ipv6_mapped());
-    assert!(!t.contains(outside));
-
-    // An entry written in mapped form matches both spellings of the peer.
-    let t = Trusted::parse(["::ffff:192.0.2.0/120"]).unwrap();
-    assert!(t.contains("192.0.2.55".parse().unwrap()));
-    assert!(t.contains(IpAddr::V6(Ipv4Addr::new(192, 0, 2, 55).to_ipv6_mapped())));
-    assert!(!t.contains("192.0.3.1".parse().unwrap()));
 }
 
 #[test]
