@@ -227,10 +227,27 @@ async fn relay_replies(
     // The flow's first datagram leaves right after this task starts.
     let sent = Instant::now();
     let mut first = true;
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        let n = match upstream.recv(&mut buf).await {
-            Ok(n) => n,
+        // A waiting flow holds no buffer: with up to `max_flows` of them, 64 KiB each would
+        // be hundreds of MiB. A datagram is read into the thread's buffer once it is there.
+        if upstream.readable().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let relayed = REPLY_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            let n = upstream.try_recv(&mut buf[..])?;
+            // Sent at once when the socket has room; else copied out and awaited below.
+            match listener.try_send_to(&buf[..n], client) {
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Some(buf[..n].to_vec())),
+                Err(e) => Err(e),
+            }
+        });
+        let sent_now = match relayed {
+            Ok(None) => true,
+            Ok(Some(datagram)) => listener.send_to(&datagram, client).await.is_ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             // A refused send (ICMP port unreachable) surfaces here; the flow stays until it
             // idles out or its endpoint leaves the table.
             Err(_) => {
@@ -245,8 +262,14 @@ async fn relay_replies(
         if let Ok(mut f) = flows.lock() {
             let _ = f.touch(&client, Instant::now());
         }
-        if listener.send_to(&buf[..n], client).await.is_ok() {
+        if sent_now {
             count.inc();
         }
     }
+}
+
+thread_local! {
+    /// The datagram buffer of every flow's reply task on this thread (they read in turn).
+    static REPLY_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; MAX_DATAGRAM].into_boxed_slice());
 }
