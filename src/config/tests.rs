@@ -274,6 +274,10 @@ fn listener_errors_name_the_key() {
             "listener \"db\": cluster: cluster \"x\" is not defined",
         ),
         (
+            format!("[listener]\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"x\"\n{BASE}"),
+            "listener.cluster: cluster \"x\" is not defined (line 4)",
+        ),
+        (
             l4("name = \"db\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\""),
             "listener \"db\": cluster: missing",
         ),

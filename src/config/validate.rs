@@ -184,6 +184,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError> {
     let v = V { file };
 
+    let short_form = !matches!(raw.listener, Some(toml::Value::Array(_)));
     let (listener, listeners) = listeners::validate_listeners(&v, raw.listener)?;
 
     let admin_addr = raw
@@ -286,7 +287,7 @@ pub(super) fn validate(file: &str, raw: raw::File) -> Result<Config, ConfigError
         clusters.push(validate_cluster(&v, &p, c)?);
     }
 
-    listeners::check_listener_clusters(&v, &listeners, &names)?;
+    listeners::check_listener_clusters(&v, &listeners, short_form, &names)?;
     let any_http = listeners.iter().any(|l| l.protocol.is_http());
     if raw.route.is_empty() && any_http {
         return Err(v.err(

@@ -391,13 +391,19 @@ fn listener_tls(t: &raw::Tls) -> ListenerTls {
 pub(super) fn check_listener_clusters(
     v: &V,
     listeners: &[ListenerSpec],
+    short_form: bool,
     clusters: &HashSet<String>,
 ) -> Result<(), ConfigError> {
     for l in listeners {
-        let p = format!("listener {:?}", l.name);
+        // Named as every other key of the listener: `listener.cluster` in the short form.
+        let (p, sep) = if short_form {
+            ("listener".to_string(), ".")
+        } else {
+            (format!("listener {:?}", l.name), ": ")
+        };
         let missing = |key: &str, c: &str| {
             v.err(
-                format!("{p}: {key}"),
+                format!("{p}{sep}{key}"),
                 format!("cluster {c:?} is not defined"),
             )
         };
