@@ -188,17 +188,35 @@ impl ChunkScanner {
     /// bytes of `buf`. `Ok(None)`: all of `buf` is body and more follows.
     #[allow(clippy::result_unit_err)]
     pub fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, ()> {
+        let mut at = 0;
+        while at < buf.len() {
+            let step = self.next_data(&buf[at..])?;
+            at += step.framing + step.data;
+            if step.end {
+                return Ok(Some(at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Scans up to the next run of chunk data: for a decoder, which passes the data on
+    /// and drops the framing around it.
+    #[allow(clippy::result_unit_err)]
+    pub fn next_data(&mut self, buf: &[u8]) -> Result<ChunkStep, ()> {
         let mut i = 0;
         while i < buf.len() {
             if self.state == Chunk::Data {
                 let take = self.size.min((buf.len() - i) as u64);
-                i += take as usize;
                 self.size -= take;
                 self.data += take;
                 if self.size == 0 {
                     self.state = Chunk::DataCr;
                 }
-                continue;
+                return Ok(ChunkStep {
+                    framing: i,
+                    data: take as usize,
+                    end: false,
+                });
             }
             let b = buf[i];
             i += 1;
@@ -257,13 +275,32 @@ impl ChunkScanner {
                 (Chunk::TrailerLf, b'\n') => Chunk::TrailerStart,
                 (Chunk::FinalLf, b'\n') => {
                     self.state = Chunk::Done;
-                    return Ok(Some(i));
+                    return Ok(ChunkStep {
+                        framing: i,
+                        data: 0,
+                        end: true,
+                    });
                 }
                 _ => return Err(()),
             };
         }
-        Ok(None)
+        Ok(ChunkStep {
+            framing: i,
+            data: 0,
+            end: false,
+        })
     }
+}
+
+/// What [`ChunkScanner::next_data`] found at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkStep {
+    /// Framing bytes first (sizes, extensions, line ends, trailers).
+    pub framing: usize,
+    /// Then this many bytes of chunk data (none when the framing ran to the buffer's end).
+    pub data: usize,
+    /// The body ended with the framing.
+    pub end: bool,
 }
 
 fn hex(b: u8) -> Result<u8, ()> {

@@ -5,7 +5,27 @@
 //! client connection instead).
 
 use super::*;
+use crate::dataplane::h1::streamed;
 use crate::upstream::proxied::{send_once, OnceError};
+
+/// One attempt of an ordinary request: to a plain HTTP/1.1 cluster on a connection the
+/// request's task drives itself ([`streamed`]), else through [`send`].
+pub(super) async fn attempt(
+    cluster: &ClusterTable<UpstreamClient>,
+    ep: &Arc<crate::state::EndpointState>,
+    announce: Option<(SocketAddr, SocketAddr)>,
+    idempotent: bool,
+    up: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    let cfg = &cluster.config;
+    if cfg.tls.is_none() && !cfg.http2 && cfg.send_proxy_protocol.is_none() {
+        let resp = streamed::send(ep, cfg.connect_timeout, idempotent, up).await?;
+        return Ok(resp.map(UpstreamBody::H1));
+    }
+    Ok(send(cluster, ep.addr, announce, up)
+        .await?
+        .map(UpstreamBody::Hyper))
+}
 
 pub(super) async fn send(
     cluster: &ClusterTable<UpstreamClient>,
