@@ -57,7 +57,7 @@ pub async fn send(
         let upload = body
             .take()
             .filter(|_| framing != Framing::None)
-            .map(|b| Upload::new(b, framing == Framing::Chunked));
+            .map(|b| Box::new(Upload::new(b, framing == Framing::Chunked)));
         let mut leg = Leg {
             conn,
             rbuf: BytesMut::with_capacity(BUF_SIZE),
@@ -67,7 +67,7 @@ pub async fn send(
         match std::future::poll_fn(|cx| leg.poll_head(cx, head_method)).await {
             Ok(h) => return Ok(UpstreamStream::response(leg, h, ep)),
             Err(HeadError::Unanswered(_))
-                if reused && idempotent && leg.upload.as_ref().is_none_or(|u| !u.started) =>
+                if reused && idempotent && !leg.upload.as_ref().is_some_and(|u| u.started) =>
             {
                 body = leg.upload.map(|u| u.body);
                 conn = IdlePool::dial(ep.addr, connect_timeout)
@@ -270,8 +270,8 @@ impl Upload {
 struct Leg {
     conn: TcpStream,
     rbuf: BytesMut,
-    /// The request body, until it is all sent.
-    upload: Option<Upload>,
+    /// The request body, until it is all sent (boxed: most requests have none).
+    upload: Option<Box<Upload>>,
     /// False once the upload failed: the upstream's view of the request is unknown.
     reusable: bool,
 }
