@@ -66,8 +66,12 @@ pub async fn send(
         };
         match std::future::poll_fn(|cx| leg.poll_head(cx, head_method)).await {
             Ok(h) => return Ok(UpstreamStream::response(leg, h, ep)),
+            // Resent only with the body untouched: none at all, or not a byte taken of it.
             Err(HeadError::Unanswered(_))
-                if reused && idempotent && !leg.upload.as_ref().is_some_and(|u| u.started) =>
+                if reused
+                    && idempotent
+                    && (framing == Framing::None
+                        || leg.upload.as_ref().is_some_and(|u| !u.started)) =>
             {
                 body = leg.upload.map(|u| u.body);
                 conn = IdlePool::dial(ep.addr, connect_timeout)
