@@ -1,5 +1,6 @@
-//! One attempt's exchange with an endpoint: on the cluster's pooled client, or, for a
-//! cluster that sends PROXY headers, on a connection of its own. Such a header names one
+//! One attempt's exchange with an endpoint: to a plain HTTP/1.1 cluster on a pooled
+//! connection the request's task drives itself, else on the cluster's pooled hyper client,
+//! or, for a cluster that sends PROXY headers, on a connection of its own. Such a header names one
 //! client for the whole connection, so this engine opens one per request and closes it
 //! with the response: never pooled, never shared (the native HTTP/1.1 engine keeps one per
 //! client connection instead).
