@@ -417,6 +417,29 @@ mod tests {
     }
 
     #[test]
+    fn decoding_passes_the_chunk_data_alone_in_any_split() {
+        let body: &[u8] =
+            b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-t: 1\r\n\r\n";
+        for cut in 0..=body.len() {
+            let mut s = ChunkScanner::default();
+            let mut data = Vec::new();
+            let mut ended = false;
+            for part in [&body[..cut], &body[cut..]] {
+                let mut at = 0;
+                while at < part.len() && !ended {
+                    let step = s.next_data(&part[at..]).expect("valid");
+                    at += step.framing;
+                    data.extend_from_slice(&part[at..at + step.data]);
+                    at += step.data;
+                    ended = step.end;
+                }
+            }
+            assert!(ended, "cut {cut}");
+            assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz", "cut {cut}");
+        }
+    }
+
+    #[test]
     fn trailers_with_obs_fold_or_control_bytes_are_refused() {
         let ok: &[u8] = b"0\r\nx-sum: a\tb\r\n\r\n";
         assert_eq!(scan_all(&[ok]), Ok(Some(ok.len())));
