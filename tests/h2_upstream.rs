@@ -239,9 +239,15 @@ async fn chunked_and_close_delimited_responses_are_relayed_whole() {
     r.wait_all_healthy().await;
     let c = h2c::<Full<Bytes>>();
     for _ in 0..3 {
-        let (status, body) = get(&c, &r.url("/chunked")).await;
-        assert_eq!(status, 200);
-        assert_eq!(body.as_deref(), Ok(&b"hello world"[..]));
+        let req = Request::get(r.url("/chunked"))
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let resp = c.request(req).await.expect("h2c request");
+        assert_eq!(resp.status(), 200);
+        let whole = resp.into_body().collect().await.expect("whole body");
+        let trailer = whole.trailers().and_then(|t| t.get("x-trailer")).cloned();
+        assert_eq!(trailer.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+        assert_eq!(&whole.to_bytes()[..], b"hello world");
     }
     let (status, body) = get(&c, &r.url("/close")).await;
     assert_eq!(status, 200);

@@ -429,6 +429,9 @@ pub struct UpstreamStream {
     end: BodyEnd,
     keep_alive: bool,
     ep: Arc<EndpointState>,
+    /// A chunked body's framing since its last data: at its end, the last chunk and the
+    /// trailers, which go on as a trailers frame (as hyper's client passes them).
+    framing: Vec<u8>,
 }
 
 impl UpstreamStream {
@@ -438,6 +441,7 @@ impl UpstreamStream {
             end: BodyEnd::new(head.framing),
             keep_alive: head.keep_alive && head.framing != Framing::Close,
             ep: ep.clone(),
+            framing: Vec::new(),
         };
         if head.framing == Framing::None {
             // Nothing will be polled: the connection is done with now.
@@ -459,6 +463,31 @@ impl UpstreamStream {
         self.leg = None;
         Poll::Ready(Some(Err(e)))
     }
+}
+
+/// The trailer fields at the end of a chunked body's framing (`framing`: what came after
+/// the last data: its line end, the last chunk's line, the trailers and the final line end).
+fn trailers(framing: &[u8]) -> io::Result<Option<HeaderMap>> {
+    let rest = framing.strip_prefix(b"\r\n").unwrap_or(framing);
+    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let fields = &rest[eol + 2..];
+    if fields.len() <= 2 {
+        return Ok(None);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let bad = || io::Error::other("bad chunked trailers from upstream");
+    let Ok(httparse::Status::Complete((_, parsed))) = httparse::parse_headers(fields, &mut headers)
+    else {
+        return Err(bad());
+    };
+    let mut map = HeaderMap::with_capacity(parsed.len());
+    for h in parsed {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad())?;
+        map.append(name, HeaderValue::from_bytes(h.value).map_err(|_| bad())?);
+    }
+    Ok(Some(map))
 }
 
 impl Body for UpstreamStream {
@@ -483,8 +512,23 @@ impl Body for UpstreamStream {
                         let Ok(step) = s.next_data(&leg.rbuf) else {
                             return this.fail(io::Error::other("bad chunked body from upstream"));
                         };
+                        if step.data > 0 {
+                            this.framing.clear();
+                        } else if this.framing.len() + step.framing > MAX_RESPONSE_HEAD {
+                            return this.fail(io::Error::other("chunked trailers too large"));
+                        } else {
+                            this.framing.extend_from_slice(&leg.rbuf[..step.framing]);
+                        }
                         leg.rbuf.advance(step.framing);
-                        (leg.rbuf.split_to(step.data).freeze(), step.end)
+                        if step.end {
+                            this.finish();
+                            return match trailers(&this.framing) {
+                                Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                                Ok(None) => Poll::Ready(None),
+                                Err(e) => this.fail(e),
+                            };
+                        }
+                        (leg.rbuf.split_to(step.data).freeze(), false)
                     }
                     end => {
                         let Ok((n, ended)) = end.take(&leg.rbuf) else {
