@@ -25,6 +25,24 @@ impl std::fmt::Display for ClientBodyError {
     }
 }
 
+impl ClientBodyError {
+    /// Whether the client sent bad framing (it is still there to be told) rather than
+    /// going away mid-upload.
+    pub fn malformed(&self) -> bool {
+        let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(&self.0);
+        while let Some(i) = inner {
+            if let Some(io) = i.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+                );
+            }
+            inner = i.source();
+        }
+        self.0.is_parse()
+    }
+}
+
 impl std::error::Error for ClientBodyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.0)

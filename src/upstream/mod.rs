@@ -19,8 +19,8 @@ pub use body::RequestBody;
 
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
-/// The pooled hyper client of a cluster (TLS, h2 and hedged routes; the native HTTP/1.1
-/// engine uses [`IdlePool`]).
+/// The pooled hyper client of a cluster (TLS, h2, hedged routes and upgrades; plain
+/// HTTP/1.1 attempts of both engines use [`IdlePool`]).
 pub type UpstreamClient = Client<Connector, RequestBody>;
 
 /// Builds the connector of a cluster: TCP with Nagle off and the cluster's connect timeout,
@@ -113,8 +113,8 @@ pub fn describe_failure(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-/// Idle keep-alive connections to one endpoint, for the native HTTP/1.1 path
-/// (the native HTTP/1.1 engine). Last in, first out: the warmest connection goes next, and the ones at
+/// Idle keep-alive connections to one endpoint, for plain HTTP/1.1 upstream attempts (the
+/// native engine's, and the hyper engine's own leg). Last in, first out: the warmest connection goes next, and the ones at
 /// the bottom age out. One stack (and one connect cap) per pool shard: see [`set_pool_shard`].
 pub struct IdlePool {
     shards: Box<[Shard]>,

@@ -65,6 +65,14 @@ impl BackendCtl {
     pub fn set_delay(&self, ms: u64) {
         self.delay_ms.store(ms, Ordering::SeqCst);
     }
+    /// The headers of the last request served (health checks aside).
+    pub fn seen_headers(&self) -> HeaderMap {
+        self.last_headers
+            .lock()
+            .expect("lock")
+            .clone()
+            .expect("a request was served")
+    }
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
     }

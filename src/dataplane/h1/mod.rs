@@ -19,6 +19,7 @@ mod buffers;
 mod client;
 mod request;
 mod respond;
+pub mod streamed;
 mod upstream;
 
 pub use buffers::Prefixed;
@@ -53,6 +54,7 @@ use crate::dataplane::request::{
 use crate::dataplane::watchdog::{End, Signal};
 use crate::routing::table::Reason;
 use crate::state::InFlight;
+use crate::upstream::IdlePool;
 use wire::{BodyEnd, ConnectionOptions, Framing};
 
 /// The most headers a request or response head may carry (hyper's limit too).

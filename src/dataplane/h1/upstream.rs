@@ -136,15 +136,44 @@ pub(super) struct ResponseStart {
     pub(super) has_date: bool,
 }
 
-/// Parses a response head and writes it for the client: hop-by-hop and framing headers
-/// dropped, the route's `edits` applied.
-pub(super) fn response_start(
-    rbuf: &[u8],
+/// An upstream response head as parsed, with what both engines need to relay it.
+pub(super) struct ParsedHead<'h, 'b> {
+    pub(super) head_len: usize,
+    pub(super) status: u16,
+    pub(super) reason: &'b str,
+    pub(super) informational: bool,
+    pub(super) framing: Framing,
+    /// The upstream keeps the connection open after this response.
+    pub(super) upstream_keep_alive: bool,
+    pub(super) has_date: bool,
+    /// Transfer-Encoding came: any Content-Length is stale (RFC 9112 6.3).
+    te: bool,
+    conn: ConnectionOptions<'b>,
+    headers: &'h [httparse::Header<'b>],
+}
+
+impl<'b> ParsedHead<'_, 'b> {
+    /// The end-to-end headers to relay: hop-by-hop ones (and those Connection names) left
+    /// out, and Content-Length when it does not frame the body the client gets as sent.
+    pub(super) fn relayed(&self) -> impl Iterator<Item = (&'b [u8], &'b [u8])> + '_ {
+        self.headers.iter().filter_map(move |h| {
+            let name = h.name.as_bytes();
+            let framing_header = name.eq_ignore_ascii_case(b"content-length")
+                && (self.te || matches!(self.framing, Framing::Length(_)));
+            (!(wire::is_hop_by_hop(name, h.value) || self.conn.names(name) || framing_header))
+                .then_some((name, h.value))
+        })
+    }
+}
+
+/// Parses a response head in `rbuf` (`None`: not complete yet) and decides its framing:
+/// RFC 9112 6.3, with no body for HEAD, 1xx, 204 and 304; a bad Content-Length is an error.
+pub(super) fn parse_head<'h, 'b>(
+    rbuf: &'b [u8],
     head_method: bool,
-    edits: &HeaderActions,
-) -> io::Result<Option<ResponseStart>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
+    headers: &'h mut [httparse::Header<'b>],
+) -> io::Result<Option<ParsedHead<'h, 'b>>> {
+    let mut resp = httparse::Response::new(headers);
     let head_len = match resp.parse(rbuf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -195,31 +224,49 @@ pub(super) fn response_start(
             None => Framing::Close,
         }
     };
+    Ok(Some(ParsedHead {
+        head_len,
+        status,
+        reason: resp.reason.unwrap_or(""),
+        informational,
+        framing,
+        upstream_keep_alive: version == 1 && !conn.close,
+        has_date,
+        te,
+        conn,
+        headers: resp.headers,
+    }))
+}
+
+/// Parses a response head and writes it for the client: hop-by-hop and framing headers
+/// dropped, the route's `edits` applied.
+pub(super) fn response_start(
+    rbuf: &[u8],
+    head_method: bool,
+    edits: &HeaderActions,
+) -> io::Result<Option<ResponseStart>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Some(head) = parse_head(rbuf, head_method, &mut headers)? else {
+        return Ok(None);
+    };
     let mut out = Scratch::take();
     out.extend_from_slice(b"HTTP/1.1 ");
-    wire::put_u64(&mut out, u64::from(status));
+    wire::put_u64(&mut out, u64::from(head.status));
     out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(head.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        // With Transfer-Encoding, Content-Length is stale (RFC 9112 6.3) and never relayed.
-        let framing_header = name.eq_ignore_ascii_case(b"content-length")
-            && (te || matches!(framing, Framing::Length(_)));
-        if wire::is_hop_by_hop(name, h.value)
-            || conn.names(name)
-            || framing_header
-            || name.eq_ignore_ascii_case(b"x-request-id")
+    for (name, value) in head.relayed() {
+        if name.eq_ignore_ascii_case(b"x-request-id")
             || (!edits.is_empty() && rewrite::drops(edits, name))
         {
             continue;
         }
-        wire::put_header(&mut out, name, h.value);
+        wire::put_header(&mut out, name, value);
     }
     for (n, v) in rewrite::written(edits) {
         wire::put_header(&mut out, n.as_ref(), v.as_bytes());
     }
-    match framing {
+    match head.framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             wire::put_u64(&mut out, n);
@@ -233,12 +280,12 @@ pub(super) fn response_start(
         Framing::None => {}
     }
     Ok(Some(ResponseStart {
-        head_len,
-        status,
-        informational,
-        framing,
-        upstream_keep_alive: version == 1 && !conn.close,
+        head_len: head.head_len,
+        status: head.status,
+        informational: head.informational,
+        framing: head.framing,
+        upstream_keep_alive: head.upstream_keep_alive,
         out,
-        has_date,
+        has_date: head.has_date,
     }))
 }

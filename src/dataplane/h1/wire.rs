@@ -188,17 +188,35 @@ impl ChunkScanner {
     /// bytes of `buf`. `Ok(None)`: all of `buf` is body and more follows.
     #[allow(clippy::result_unit_err)]
     pub fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, ()> {
+        let mut at = 0;
+        while at < buf.len() {
+            let step = self.next_data(&buf[at..])?;
+            at += step.framing + step.data;
+            if step.end {
+                return Ok(Some(at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Scans up to the next run of chunk data: for a decoder, which passes the data on
+    /// and drops the framing around it.
+    #[allow(clippy::result_unit_err)]
+    pub fn next_data(&mut self, buf: &[u8]) -> Result<ChunkStep, ()> {
         let mut i = 0;
         while i < buf.len() {
             if self.state == Chunk::Data {
                 let take = self.size.min((buf.len() - i) as u64);
-                i += take as usize;
                 self.size -= take;
                 self.data += take;
                 if self.size == 0 {
                     self.state = Chunk::DataCr;
                 }
-                continue;
+                return Ok(ChunkStep {
+                    framing: i,
+                    data: take as usize,
+                    end: false,
+                });
             }
             let b = buf[i];
             i += 1;
@@ -257,13 +275,32 @@ impl ChunkScanner {
                 (Chunk::TrailerLf, b'\n') => Chunk::TrailerStart,
                 (Chunk::FinalLf, b'\n') => {
                     self.state = Chunk::Done;
-                    return Ok(Some(i));
+                    return Ok(ChunkStep {
+                        framing: i,
+                        data: 0,
+                        end: true,
+                    });
                 }
                 _ => return Err(()),
             };
         }
-        Ok(None)
+        Ok(ChunkStep {
+            framing: i,
+            data: 0,
+            end: false,
+        })
     }
+}
+
+/// What [`ChunkScanner::next_data`] found at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkStep {
+    /// Framing bytes first (sizes, extensions, line ends, trailers).
+    pub framing: usize,
+    /// Then this many bytes of chunk data (none when the framing ran to the buffer's end).
+    pub data: usize,
+    /// The body ended with the framing.
+    pub end: bool,
 }
 
 fn hex(b: u8) -> Result<u8, ()> {
@@ -376,6 +413,29 @@ mod tests {
                 Ok(Some(end)),
                 "cut {cut}"
             );
+        }
+    }
+
+    #[test]
+    fn decoding_passes_the_chunk_data_alone_in_any_split() {
+        let body: &[u8] =
+            b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-t: 1\r\n\r\n";
+        for cut in 0..=body.len() {
+            let mut s = ChunkScanner::default();
+            let mut data = Vec::new();
+            let mut ended = false;
+            for part in [&body[..cut], &body[cut..]] {
+                let mut at = 0;
+                while at < part.len() && !ended {
+                    let step = s.next_data(&part[at..]).expect("valid");
+                    at += step.framing;
+                    data.extend_from_slice(&part[at..at + step.data]);
+                    at += step.data;
+                    ended = step.end;
+                }
+            }
+            assert!(ended, "cut {cut}");
+            assert_eq!(data, b"helloabcdefghijklmnopqrstuvwxyz", "cut {cut}");
         }
     }
 

@@ -2,12 +2,13 @@
 //! completion (in-flight mark, bytes, access log) until its end.
 
 use super::*;
+use crate::dataplane::h1::streamed::UpstreamStream;
 
 /// Response body to the client: the upstream's stream, carrying the request's in-flight mark
 /// and access-log record until the last byte is sent (or the client goes away).
 pub enum ResponseBody {
     Upstream {
-        inner: Incoming,
+        inner: UpstreamBody,
         done: Option<Box<Completion>>,
     },
     Full(Option<Bytes>),
@@ -15,12 +16,12 @@ pub enum ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ResponseBody::Upstream { inner, done } => {
                 let r = Pin::new(&mut *inner).poll_frame(cx);
@@ -70,6 +71,45 @@ impl Body for ResponseBody {
             ResponseBody::Upstream { inner, .. } => inner.size_hint(),
             ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Why an upstream response body broke off (boxed only when it does).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upstream's response body: hyper's client's, or read by this engine's own
+/// HTTP/1.1 leg ([`UpstreamStream`]).
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    H1(UpstreamStream),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
         }
     }
 }

@@ -49,18 +49,7 @@ pub(super) fn client_side(e: &(dyn std::error::Error + 'static)) -> Option<bool>
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
         if let Some(c) = s.downcast_ref::<upstream::body::ClientBodyError>() {
-            let mut inner: Option<&(dyn std::error::Error + 'static)> = Some(&c.0);
-            while let Some(i) = inner {
-                if let Some(io) = i.downcast_ref::<std::io::Error>() {
-                    let bad = matches!(
-                        io.kind(),
-                        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
-                    );
-                    return Some(bad);
-                }
-                inner = i.source();
-            }
-            return Some(c.0.is_parse());
+            return Some(c.malformed());
         }
         src = s.source();
     }

@@ -34,7 +34,7 @@ mod hedge;
 mod proxied;
 mod upgrade;
 
-pub use body::ResponseBody;
+pub use body::{BodyError, ResponseBody, UpstreamBody};
 use failure::{attempt_error, client_side};
 use hedge::{hedge_delay, hedged, BackupParts, HEDGE_BUDGET_CAP};
 use upgrade::{forward_upgrade, is_upgrade};
@@ -339,9 +339,12 @@ async fn forward(
                 in_flight = b_in_flight;
                 sent = b_sent;
             }
-            h.result.map(|r| r.map_err(|e| attempt_error(&e)))
+            h.result.map(|r| {
+                r.map(|r| r.map(UpstreamBody::Hyper))
+                    .map_err(|e| attempt_error(&e))
+            })
         } else {
-            let attempt = proxied::send(cluster, ep.addr, x.announce, up);
+            let attempt = proxied::attempt(cluster, ep, x.announce, x.idempotent(), up);
             tokio::time::timeout_at(x.deadline.into(), attempt).await
         };
         let failure = match result {
@@ -400,7 +403,7 @@ fn affinity_header<'h>(
 }
 
 fn finish_response(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     in_flight: InFlight,
     x: Exchange<'_>,
     route_header: Option<HeaderValue>,

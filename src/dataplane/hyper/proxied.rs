@@ -1,11 +1,32 @@
-//! One attempt's exchange with an endpoint: on the cluster's pooled client, or, for a
-//! cluster that sends PROXY headers, on a connection of its own. Such a header names one
+//! One attempt's exchange with an endpoint: to a plain HTTP/1.1 cluster on a pooled
+//! connection the request's task drives itself, else on the cluster's pooled hyper client,
+//! or, for a cluster that sends PROXY headers, on a connection of its own. Such a header names one
 //! client for the whole connection, so this engine opens one per request and closes it
 //! with the response: never pooled, never shared (the native HTTP/1.1 engine keeps one per
 //! client connection instead).
 
 use super::*;
+use crate::dataplane::h1::streamed;
 use crate::upstream::proxied::{send_once, OnceError};
+
+/// One attempt of an ordinary request: to a plain HTTP/1.1 cluster on a connection the
+/// request's task drives itself ([`streamed`]), else through [`send`].
+pub(super) async fn attempt(
+    cluster: &ClusterTable<UpstreamClient>,
+    ep: &Arc<crate::state::EndpointState>,
+    announce: Option<(SocketAddr, SocketAddr)>,
+    idempotent: bool,
+    up: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, AttemptError> {
+    let cfg = &cluster.config;
+    if cfg.tls.is_none() && !cfg.http2 && cfg.send_proxy_protocol.is_none() {
+        let resp = streamed::send(ep, cfg.connect_timeout, idempotent, up).await?;
+        return Ok(resp.map(UpstreamBody::H1));
+    }
+    Ok(send(cluster, ep.addr, announce, up)
+        .await?
+        .map(UpstreamBody::Hyper))
+}
 
 pub(super) async fn send(
     cluster: &ClusterTable<UpstreamClient>,

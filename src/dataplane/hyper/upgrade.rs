@@ -98,6 +98,7 @@ pub(super) async fn forward_upgrade(
                     .map(|(z, e, r)| self::route_header(z, e, r));
                 if status != StatusCode::SWITCHING_PROTOCOLS {
                     // Declined: an ordinary response.
+                    let resp = resp.map(UpstreamBody::Hyper);
                     return finish_response(resp, in_flight, x, route, body.client_broke);
                 }
                 drop(in_flight);
