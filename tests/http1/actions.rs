@@ -144,3 +144,35 @@ response_headers = { add = { "x-served-by" = "edge-router" } }
     assert_eq!(resp.header("x-served-by"), None);
 }
 both_engines!(router_errors_are_not_edited);
+
+/// An upgrade request gets the route's edits too, and a client's Connection header naming
+/// a line the route writes strips only the client's own line there as well.
+async fn an_upgrade_request_gets_the_routes_edits(engine: Engine) {
+    let up = RawUpstream::start(std::sync::Arc::new(|q: &UpReq| {
+        if q.header("upgrade").is_some() {
+            Action::Reply(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                    .to_vec(),
+            )
+        } else {
+            Action::Reply(echo_reply(q))
+        }
+    }))
+    .await;
+    let r = router_with_routes(engine, &up, EDIT_ROUTES).await;
+    let mut c = Conn::open(r.dial()).await;
+    c.send(
+        "GET /api/ws HTTP/1.1\r\nHost: example.com\r\nConnection: Upgrade, x-added, x-set\r\n\
+         Upgrade: websocket\r\nX-Added: client\r\nX-Set: client\r\nX-Secret: s\r\n\r\n",
+    )
+    .await;
+    let resp = c.read(true).await;
+    assert_eq!(resp.status, 101, "{}", resp.text());
+    let q = up.last();
+    assert_eq!(q.target, "/v2/ws");
+    assert_eq!(hall(&q.headers, "x-added"), ["edge"], "{:?}", q.headers);
+    assert_eq!(hall(&q.headers, "x-set"), ["one"], "{:?}", q.headers);
+    assert_eq!(q.header("x-secret"), None, "{:?}", q.headers);
+    assert_eq!(q.header("upgrade"), Some("websocket"), "{:?}", q.headers);
+}
+both_engines!(an_upgrade_request_gets_the_routes_edits);

@@ -171,3 +171,27 @@ async fn many_headers_and_set_cookie_lines_reach_the_client_in_order(engine: Eng
     }
 }
 both_engines!(many_headers_and_set_cookie_lines_reach_the_client_in_order);
+
+/// `x-edge-route` is the router's word on where a request went: an upstream's line of that
+/// name (another router behind, or a spoof) never reaches the client beside it or alone.
+async fn an_upstreams_x_edge_route_never_reaches_the_client(engine: Engine) {
+    let (_up, r) = setup(
+        engine,
+        |q| {
+            Action::Reply(ok(
+                q.target.as_bytes(),
+                "x-edge-route: region=evil; zone=evil; endpoint=1.2.3.4:1; reason=nearest\r\n",
+            ))
+        },
+        "",
+    )
+    .await;
+    let mut c = Conn::open(r.dial()).await;
+    c.send(get("/")).await;
+    let resp = c.read(false).await;
+    assert_eq!(resp.status, 200);
+    let lines = hall(&resp.headers, "x-edge-route");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("zone=r1a"), "{lines:?}");
+}
+both_engines!(an_upstreams_x_edge_route_never_reaches_the_client);

@@ -230,7 +230,9 @@ pub(super) fn parse_head<'h, 'b>(
         reason: resp.reason.unwrap_or(""),
         informational,
         framing,
-        upstream_keep_alive: version == 1 && !conn.close,
+        // Both framings at once is how a smuggled response looks (RFC 9112 6.3): its
+        // connection is not reused, whatever the body turns out to be.
+        upstream_keep_alive: version == 1 && !conn.close && !(te && length.is_some()),
         has_date,
         te,
         conn,
@@ -256,7 +258,9 @@ pub(super) fn response_start(
     out.extend_from_slice(head.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in head.relayed() {
+        // The router's own headers come from the router alone.
         if name.eq_ignore_ascii_case(b"x-request-id")
+            || name.eq_ignore_ascii_case(b"x-edge-route")
             || (!edits.is_empty() && rewrite::drops(edits, name))
         {
             continue;

@@ -165,11 +165,17 @@ pub async fn handle(
     if cluster.config.send_proxy_protocol.is_some() {
         x.announce = Some((client, local));
     }
+    let upgrade = is_upgrade(&req);
     if !route.request_headers.is_empty() {
         // The client's hop-by-hop headers go first, as on the native engine: a client's
         // `Connection` naming a header the route writes must not strip the route's line.
-        if !is_upgrade(&req) {
-            remove_hop_by_hop(req.headers_mut());
+        // An upgrade keeps its protocol; `forward_upgrade` writes its Connection anew.
+        let protocol = upgrade
+            .then(|| req.headers().get(header::UPGRADE).cloned())
+            .flatten();
+        remove_hop_by_hop(req.headers_mut());
+        if let Some(p) = protocol {
+            req.headers_mut().insert(header::UPGRADE, p);
         }
         rewrite::apply(&route.request_headers, req.headers_mut());
     }
@@ -177,7 +183,7 @@ pub async fn handle(
         rewrite_target(req.uri_mut(), &route.path_prefix, r);
     }
     let route_header = table.config.listener.route_header;
-    let mut resp = if is_upgrade(&req) {
+    let mut resp = if upgrade {
         forward_upgrade(x, req, host, client, https, &request_id, route_header).await
     } else {
         forward(
@@ -419,6 +425,8 @@ fn finish_response(
     rewrite::apply(x.response_headers, &mut parts.headers);
     // An HTTP/1.0 upstream's version is not the client's: the server speaks its own.
     parts.version = Version::HTTP_11;
+    // The router's own header comes from the router alone, never from an upstream.
+    parts.headers.remove(&X_EDGE_ROUTE);
     if let Some(v) = route_header {
         parts.headers.insert(&X_EDGE_ROUTE, v);
     }
@@ -577,11 +585,20 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     if present & (1 << HOP_BY_HOP.len()) != 0 {
         h.remove(header::UPGRADE);
     }
+    // Line by line, as the native engine: each `te` line other than `trailers` goes.
     if present & (1 << (HOP_BY_HOP.len() + 1)) != 0
-        && h.get(header::TE)
-            .is_some_and(|v| v.as_bytes() != b"trailers")
+        && h.get_all(header::TE)
+            .iter()
+            .any(|v| v.as_bytes() != b"trailers")
     {
+        let trailers = h
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.as_bytes() == b"trailers");
         h.remove(header::TE);
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 

@@ -110,6 +110,7 @@ pub(super) async fn forward_upgrade(
                     }
                 }
                 rewrite::apply(x.response_headers, &mut rparts.headers);
+                rparts.headers.remove(&X_EDGE_ROUTE);
                 if let Some(v) = route {
                     rparts.headers.insert(&X_EDGE_ROUTE, v);
                 }
