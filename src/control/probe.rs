@@ -335,7 +335,7 @@ async fn probe_http(
                 .request(req)
                 .await
                 .map_err(|e| upstream::describe_failure(&e)),
-            Some(v) => upstream::proxied::send_once(target, timeout, v, None, req)
+            Some(v) => upstream::proxied::send_once(None, target, timeout, v, None, req)
                 .await
                 .map_err(|e| e.to_string()),
         }

@@ -201,20 +201,40 @@ impl IdlePool {
         addr: std::net::SocketAddr,
         connect_timeout: Duration,
     ) -> std::io::Result<(tokio::net::TcpStream, bool)> {
-        use std::sync::atomic::Ordering;
-        let shard = self.shard();
         loop {
             if let Some(c) = self.take() {
                 return Ok((c, true));
             }
-            if shard.dialing.fetch_add(1, Ordering::AcqRel) < MAX_DIALS {
-                let _slot = DialSlot(shard);
+            if let Some(_turn) = self.try_turn() {
                 return dial(addr, connect_timeout).await.map(|c| (c, false));
             }
-            shard.dialing.fetch_sub(1, Ordering::AcqRel);
             // A connection returned or a connect ended between the checks above and this
             // wait left a permit in `freed`: no wake-up is lost.
-            shard.freed.notified().await;
+            self.shard().freed.notified().await;
+        }
+    }
+
+    /// Runs `connect` in a turn of the connect cap, for connections that never come from
+    /// the pool (they start with a PROXY header naming one client): they load the endpoint
+    /// like any other connect.
+    pub async fn in_dial_turn<T>(&self, connect: impl std::future::Future<Output = T>) -> T {
+        loop {
+            if let Some(_turn) = self.try_turn() {
+                return connect.await;
+            }
+            self.shard().freed.notified().await;
+        }
+    }
+
+    /// One of this shard's [`MAX_DIALS`] connect turns, if one is free.
+    fn try_turn(&self) -> Option<DialSlot<'_>> {
+        use std::sync::atomic::Ordering;
+        let shard = self.shard();
+        if shard.dialing.fetch_add(1, Ordering::AcqRel) < MAX_DIALS {
+            Some(DialSlot(shard))
+        } else {
+            shard.dialing.fetch_sub(1, Ordering::AcqRel);
+            None
         }
     }
 
@@ -307,6 +327,47 @@ pub fn looks_open(conn: &tokio::net::TcpStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connects that never come from the pool wait their turn like the pool's own: with
+    /// every turn taken, one more starts only when one ends.
+    #[tokio::test]
+    async fn connects_outside_the_pool_share_the_connect_cap() {
+        let pool = std::sync::Arc::new(IdlePool::default());
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut release = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..MAX_DIALS + 1 {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            release.push(tx);
+            let (pool, started) = (pool.clone(), started.clone());
+            tasks.push(tokio::spawn(async move {
+                pool.in_dial_turn(async {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = rx.await;
+                })
+                .await
+            }));
+        }
+        let count = || started.load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while count() < MAX_DIALS && tokio::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(count(), MAX_DIALS, "one beyond the cap started");
+        // One ends: the waiting one starts.
+        drop(release.remove(0));
+        while count() < MAX_DIALS + 1 && tokio::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(count(), MAX_DIALS + 1);
+        drop(release);
+        for t in tasks {
+            t.await.expect("task");
+        }
+    }
 
     /// A pooled connection the upstream closed is not handed out, and the prober's sweep
     /// drops it even when nobody asks for one.

@@ -61,8 +61,10 @@ impl std::fmt::Display for OnceError {
 
 /// One HTTP/1.1 request on a new connection that starts with a PROXY header; the
 /// connection closes when the response ends (upgrades are allowed: the connection is then
-/// the tunnel's). `req`'s URI is sent as is, so it should be in origin form.
+/// the tunnel's). `req`'s URI is sent as is, so it should be in origin form. With `pool`,
+/// the connect takes a turn of that pool's connect cap.
 pub async fn send_once<B>(
+    pool: Option<&crate::upstream::IdlePool>,
     addr: SocketAddr,
     connect_timeout: Duration,
     version: ProxyVersion,
@@ -74,9 +76,12 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = dial(addr, connect_timeout, version, announce)
-        .await
-        .map_err(OnceError::Connect)?;
+    let connect = dial(addr, connect_timeout, version, announce);
+    let stream = match pool {
+        Some(p) => p.in_dial_turn(connect).await,
+        None => connect.await,
+    }
+    .map_err(OnceError::Connect)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(OnceError::Http)?;

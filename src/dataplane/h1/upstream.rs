@@ -107,7 +107,9 @@ pub(super) async fn redial(
     match announce {
         None => crate::upstream::IdlePool::dial(ep.addr, connect_timeout).await,
         Some((v, client, local)) => {
-            crate::upstream::proxied::dial(ep.addr, connect_timeout, v, Some((client, local))).await
+            let connect =
+                crate::upstream::proxied::dial(ep.addr, connect_timeout, v, Some((client, local)));
+            ep.idle.in_dial_turn(connect).await
         }
     }
     .map_err(Failure::Connect)

@@ -23,14 +23,14 @@ pub(super) async fn attempt(
         let resp = streamed::send(ep, cfg.connect_timeout, idempotent, up).await?;
         return Ok(resp.map(UpstreamBody::H1));
     }
-    Ok(send(cluster, ep.addr, announce, up)
+    Ok(send(cluster, ep, announce, up)
         .await?
         .map(UpstreamBody::Hyper))
 }
 
 pub(super) async fn send(
     cluster: &ClusterTable<UpstreamClient>,
-    addr: SocketAddr,
+    ep: &crate::state::EndpointState,
     announce: Option<(SocketAddr, SocketAddr)>,
     mut up: Request<RequestBody>,
 ) -> Result<Response<Incoming>, AttemptError> {
@@ -47,7 +47,7 @@ pub(super) async fn send(
         *up.uri_mut() = Uri::from(pq);
     }
     let timeout = cluster.config.connect_timeout;
-    match send_once(addr, timeout, version, Some(from), up).await {
+    match send_once(Some(&ep.idle), ep.addr, timeout, version, Some(from), up).await {
         Ok(resp) => Ok(resp),
         Err(OnceError::Connect(e)) => Err(AttemptError::Connect {
             detail: format!("connect: {e}"),

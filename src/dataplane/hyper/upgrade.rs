@@ -87,7 +87,7 @@ pub(super) async fn forward_upgrade(
         *up.headers_mut() = parts.headers.clone();
         let in_flight = InFlight::new(ep.clone());
         let sent = Instant::now();
-        let attempt = proxied::send(cluster, ep.addr, x.announce, up);
+        let attempt = proxied::send(cluster, ep, x.announce, up);
         let result = tokio::time::timeout_at(x.deadline.into(), attempt).await;
         let failure = match result {
             Ok(Ok(mut resp)) => {
