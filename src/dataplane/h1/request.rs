@@ -351,6 +351,7 @@ pub(super) fn prepare<'t>(
         }
     };
 
+    exchange.request_headers = &route.request_headers;
     exchange.response_headers = &route.response_headers;
 
     // The upstream head: the request line, the end-to-end headers as sent (names in their
@@ -364,7 +365,7 @@ pub(super) fn prepare<'t>(
         None => up.extend_from_slice(target.as_bytes()),
     }
     up.extend_from_slice(b" HTTP/1.1\r\n");
-    let edits = &route.request_headers;
+    let edits = exchange.request_headers;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let host_line = name.eq_ignore_ascii_case(b"host");

@@ -161,29 +161,16 @@ pub async fn handle(
         Ok(x) => x,
         Err(r) => return Ok(error_exit(r, &request_id)),
     };
+    x.request_headers = &route.request_headers;
     x.response_headers = &route.response_headers;
     if cluster.config.send_proxy_protocol.is_some() {
         x.announce = Some((client, local));
-    }
-    let upgrade = is_upgrade(&req);
-    if !route.request_headers.is_empty() {
-        // The client's hop-by-hop headers go first, as on the native engine: a client's
-        // `Connection` naming a header the route writes must not strip the route's line.
-        // An upgrade keeps its protocol; `forward_upgrade` writes its Connection anew.
-        let protocol = upgrade
-            .then(|| req.headers().get(header::UPGRADE).cloned())
-            .flatten();
-        remove_hop_by_hop(req.headers_mut());
-        if let Some(p) = protocol {
-            req.headers_mut().insert(header::UPGRADE, p);
-        }
-        rewrite::apply(&route.request_headers, req.headers_mut());
     }
     if let Some(r) = &route.rewrite_prefix {
         rewrite_target(req.uri_mut(), &route.path_prefix, r);
     }
     let route_header = table.config.listener.route_header;
-    let mut resp = if upgrade {
+    let mut resp = if is_upgrade(&req) {
         forward_upgrade(x, req, host, client, https, &request_id, route_header).await
     } else {
         forward(
@@ -270,6 +257,7 @@ async fn forward(
     let method = parts.method.clone();
     prepare_upstream_headers(
         &mut parts.headers,
+        x.request_headers,
         client,
         https,
         host.as_deref(),
@@ -602,8 +590,13 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// The upstream request's headers: the client's hop-by-hop ones removed, then the route's
+/// edits (so a client's `Connection` naming a line the route writes cannot strip it), then
+/// the forwarding headers the router writes itself.
+#[allow(clippy::too_many_arguments)]
 fn prepare_upstream_headers(
     h: &mut HeaderMap,
+    edits: &crate::config::HeaderActions,
     client: SocketAddr,
     https: bool,
     host: Option<&str>,
@@ -611,6 +604,9 @@ fn prepare_upstream_headers(
     request_id: &HeaderValue,
 ) {
     remove_hop_by_hop(h);
+    if !edits.is_empty() {
+        rewrite::apply(edits, h);
+    }
     // Room for the five added below at once, not a grow halfway through.
     h.reserve(5);
     let lookalikes: Vec<HeaderName> = h

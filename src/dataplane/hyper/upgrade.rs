@@ -49,6 +49,7 @@ pub(super) async fn forward_upgrade(
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     prepare_upstream_headers(
         &mut parts.headers,
+        x.request_headers,
         client,
         https,
         host.as_deref(),

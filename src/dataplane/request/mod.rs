@@ -212,6 +212,8 @@ pub struct Exchange<'t> {
     pub log: Option<AccessLog>,
     /// The status of the response head, once one came.
     status: u16,
+    /// The route's edits of the request, made where each engine writes the upstream head.
+    pub request_headers: &'t crate::config::HeaderActions,
     /// The route's edits of the upstream's response (not of the router's own replies).
     pub response_headers: &'t crate::config::HeaderActions,
     /// For a cluster that sends PROXY headers: the client's address and the one it
@@ -259,6 +261,7 @@ impl<'t> Exchange<'t> {
                 idempotent: idempotent(b.method),
                 log,
                 status: 0,
+                request_headers: &crate::routing::rewrite::NO_EDITS,
                 response_headers: &crate::routing::rewrite::NO_EDITS,
                 announce: None,
             }),
